@@ -1,0 +1,362 @@
+"""Training one LoRA adapter on the frozen base: the single training loop of the project.
+
+``train_loop_per_worker(config)`` is both the in-process trainer (``train_adapter`` calls it directly) and
+Ray Train's ``train_loop_per_worker`` (``train_ray.py`` hands it to a TorchTrainer). Only three things
+differ between the two, and they are explicit in ``config``:
+- where examples come from: ``config["examples"]`` (a list) or the Ray Data shard ``"train"``;
+- how metrics and the finished adapter leave the worker: returned / written to ``output_dir``, or
+  ``ray.train.report(metrics, checkpoint=...)``;
+- the process group: DeepSpeed initialises a one-process gloo group in-process; TorchTrainer sets it up.
+
+Loss is computed on the target tokens only (prompt tokens are masked with -100). Every worker runs exactly
+``steps`` optimizer steps, cycling through its shard, so collective ops never wait on a worker that ran out
+of data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import SEEConfig, TrainConfig
+from .model import load_base_model
+from .prompts import PromptEncoder
+from .rehearsal import Example
+
+log = logging.getLogger(__name__)
+
+META_FILE = "see_meta.json"
+IGNORE = -100  # label value ignored by the loss (prompt and padding positions)
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def tokenize(
+    examples: list[Example], encoder: PromptEncoder, max_target_tokens: int, indicator_weight: float = 1.0
+) -> list[dict]:
+    """Prompt ids + target ids per example, with labels masking the prompt and per-token loss weights."""
+    rows = []
+    for ex in examples:
+        prompt = encoder.encode_query(ex.query)
+        target = encoder.encode_target(ex.indicator, ex.answer, max_target_tokens)
+        weights = [0.0] * len(prompt) + [1.0] * len(target)
+        if ex.indicator is not None:
+            weights[len(prompt)] = indicator_weight  # the first target token is the indicator
+        rows.append({"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target, "weights": weights})
+    return rows
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch (training never generates, so right padding is the simple choice)."""
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    weights = torch.zeros((len(rows), n), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, :k] = torch.tensor(r["input_ids"])
+        labels[i, :k] = torch.tensor(r["labels"])
+        mask[i, :k] = 1
+        weights[i, :k] = torch.tensor(r["weights"])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on target tokens, weighted per token (see TrainConfig.indicator_loss_weight).
+
+    With all weights 1 this is exactly the usual token-mean SFT loss.
+    """
+    logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
+    w = weights.reshape(-1)
+    return (ce * w).sum() / w.sum().clamp(min=1e-9)
+
+
+def _batches(rows: list[dict], micro_batch: int, seed: int):
+    """Endless shuffled micro-batches over ``rows`` (a new permutation each pass)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - micro_batch + 1 if len(order) >= micro_batch else 1, micro_batch):
+            yield [rows[j] for j in order[i : i + micro_batch]]
+
+
+# -- model ----------------------------------------------------------------------------------------------
+def build_trainable(cfg: SEEConfig, model_path: str, init_adapter: str | None):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base, tok = load_base_model(cfg.model.model_copy(update={"dtype": "float32"}), model_path)
+    if init_adapter:  # SeqFT / Replay continue the same adapter from stage to stage
+        model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+    else:
+        lcfg = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(cfg.training.seed)  # adapter init is random (lora_A): make it reproducible
+        model = get_peft_model(base, lcfg)
+    model.train()
+    return model, tok
+
+
+def deepspeed_config(tcfg: TrainConfig, micro_batch: int, world_size: int, on_gpu: bool) -> dict:
+    """The user's DeepSpeed config (file or dict) with batch sizes, optimizer and precision filled in.
+
+    Values the user set win, except batch sizes, which must agree with ``training.batch_size``. On CPU we
+    force torch's Adam: DeepSpeed's fused CPU Adam compiles for about a minute on first use (STACK-NOTES).
+    """
+    src = tcfg.deepspeed
+    if isinstance(src, str):
+        text = Path(src).read_text()
+        import yaml
+
+        ds = yaml.safe_load(text)  # YAML is a superset of JSON: one loader for both
+        if not isinstance(ds, dict):
+            raise ValueError(f"training.deepspeed: {src} must hold a mapping")
+    else:
+        ds = dict(src or {})
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = micro_batch * world_size
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    for k, v in (("lr", tcfg.lr), ("weight_decay", tcfg.weight_decay)):
+        if params.get(k) in (None, "auto"):
+            params[k] = v
+    if not on_gpu:
+        params["torch_adam"] = True
+    if "scheduler" not in ds:
+        ds["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": tcfg.lr, "warmup_num_steps": max(1, tcfg.warmup_steps), "warmup_type": "linear"},
+        }
+    ds.setdefault("gradient_clipping", 1.0)
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled") in (None, "auto"):
+        bf16["enabled"] = bool(on_gpu and tcfg.bf16_autocast)
+    ds.setdefault("zero_optimization", {"stage": 2})
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    return ds
+
+
+def _init_single_process_group() -> None:
+    """DeepSpeed needs a process group even for one in-process worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(k, v)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+def save_adapter(model, out_dir: str | Path, meta: dict[str, Any], zero_stage: int = 0) -> None:
+    """Write the adapter (PEFT folder format, safetensors) and ``see_meta.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if zero_stage == 3:  # ZeRO-3 partitions parameters: gather them before saving
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            model.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Train one adapter. Keys of ``config``:
+
+    see (SEEConfig as dict), model_path (resolved base checkpoint), examples (list of Example dicts;
+    absent under Ray: the "train" dataset shard is used), output_dir (in-process: final adapter folder),
+    init_adapter (optional adapter to continue), meta (dict copied into see_meta.json), ray (bool).
+    """
+    cfg = SEEConfig.model_validate(config["see"])
+    tcfg = cfg.training
+    in_ray = bool(config.get("ray"))
+    if in_ray:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
+        torch.set_num_threads(cfg.model.num_threads or 1)  # 1 per worker: STACK-NOTES gotcha 4
+        shard = ray.train.get_dataset_shard("train")
+        examples = [Example.from_dict(json.loads(r["example"])) for r in shard.iter_rows()]
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        examples = [Example.from_dict(e) if isinstance(e, dict) else e for e in config["examples"]]
+    if not examples:
+        raise ValueError("no training examples reached this worker (is the data set smaller than the workers?)")
+    t_start = time.perf_counter()
+
+    model, tok = build_trainable(cfg, config["model_path"], config.get("init_adapter"))
+    encoder = PromptEncoder(tok, cfg.indicators, cfg.model.max_prompt_tokens)
+    rows = tokenize(examples, encoder, tcfg.max_target_tokens, tcfg.indicator_loss_weight)
+    micro = max(1, tcfg.batch_size // world)
+    on_gpu = device.type == "cuda"
+    model.to(device)
+
+    zero_stage = 0
+    if tcfg.deepspeed is not None:
+        import deepspeed
+
+        if not in_ray:
+            _init_single_process_group()
+        ds = deepspeed_config(tcfg, micro, world, on_gpu)
+        zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
+        )
+        autocast_on = tcfg.bf16_autocast and not on_gpu  # on GPU DeepSpeed's own bf16 mode is used
+    else:
+        engine = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        warm = max(1, tcfg.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+        autocast_on = tcfg.bf16_autocast
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on)
+
+    bar = None
+    if tcfg.progress and not in_ray and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tcfg.steps, desc=config.get("meta", {}).get("name", "train"), unit="step")
+    t_loop = time.perf_counter()
+    tokens = 0
+    losses: list[float] = []
+    window_t, window_tok = time.perf_counter(), 0
+    batches = _batches(rows, micro, tcfg.seed + rank)
+    for step in range(1, tcfg.steps + 1):
+        batch = {k: v.to(device) for k, v in collate(next(batches), encoder.pad_id).items()}
+        n_tok = int(batch["attention_mask"].sum())
+        with amp:
+            logits = (engine or model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = weighted_loss(logits, batch["labels"], batch["weights"])
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        tokens += n_tok
+        window_tok += n_tok
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            now = time.perf_counter()
+            metrics = {
+                "step": step,
+                "loss": sum(losses[-tcfg.log_every :]) / len(losses[-tcfg.log_every :]),
+                "tokens_per_s": window_tok * world / max(now - window_t, 1e-9),  # global estimate
+                "lr": scheduler.get_last_lr()[0],
+            }
+            window_t, window_tok = now, 0
+            if in_ray and step != tcfg.steps:
+                ray.train.report(metrics)
+            elif not in_ray:
+                log.info("step %d loss %.4f tokens/s %.0f", step, metrics["loss"], metrics["tokens_per_s"])
+    if bar is not None:
+        bar.close()
+    train_s = time.perf_counter() - t_loop
+    if not all(math.isfinite(x) for x in losses[-3:]):
+        raise FloatingPointError(f"training diverged: last losses {losses[-3:]}")
+    result = {
+        "steps": tcfg.steps,
+        "train_s": train_s,
+        "wall_s": time.perf_counter() - t_start,
+        "tokens": tokens * world,
+        "tokens_per_s": tokens * world / max(train_s, 1e-9),
+        "final_loss": sum(losses[-tcfg.log_every :]) / len(losses[-tcfg.log_every :]),
+        "first_loss": losses[0],
+        "examples": len(rows) * world,
+        "prompts_truncated": encoder.truncated,
+        "workers": world,
+        "deepspeed": tcfg.deepspeed is not None,
+    }
+    meta = {**config.get("meta", {}), "training": result}
+    module = engine.module if engine is not None else model
+    if in_ray:
+        from ray.train import Checkpoint
+
+        if rank == 0:
+            tmp = tempfile.mkdtemp(prefix="see-adapter-")
+            save_adapter(module, tmp, meta, zero_stage)
+            ray.train.report({**result, "step": tcfg.steps}, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            if zero_stage == 3:  # every rank joins the gather
+                save_adapter(module, tempfile.mkdtemp(prefix="see-adapter-"), meta, zero_stage)
+            ray.train.report({**result, "step": tcfg.steps})
+        return None
+    write_adapter_atomically(lambda tmp: save_adapter(module, tmp, meta, zero_stage), config["output_dir"])
+    return result
+
+
+def write_adapter_atomically(write, out_dir: str | Path) -> None:
+    """Write an adapter into a temporary sibling folder, then rename it into place (never half a folder)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train_adapter(
+    examples: list[Example],
+    cfg: SEEConfig,
+    model_path: str,
+    output_dir: str | Path,
+    init_adapter: str | None = None,
+    meta: dict | None = None,
+) -> dict:
+    """Train one adapter in this process and write it to ``output_dir``; returns the training figures."""
+    return train_loop_per_worker(
+        {
+            "see": cfg.model_dump(mode="json"),
+            "model_path": model_path,
+            "examples": examples,
+            "output_dir": str(output_dir),
+            "init_adapter": init_adapter,
+            "meta": meta or {},
+        }
+    )
