@@ -12,12 +12,15 @@ held-out data for threshold calibration and validation.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .prompts import Query
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 INSTANCE_FIELDS = {"id", "input", "output"}
@@ -66,7 +69,9 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
-def _parse_instance(raw, where: str, strict: bool) -> Instance:
+def _parse_instance(raw, where: str, strict: bool) -> Instance | None:
+    """One instance; ``strict`` (user JSONL) also refuses unknown fields and an empty answer. Non-strict
+    (published SuperNI files) returns None for an empty answer: task511's train.json holds six of them."""
     if not isinstance(raw, dict):
         raise TaskDataError(f"{where}: expected an object with 'input' and 'output', got {type(raw).__name__}")
     if strict:
@@ -84,6 +89,8 @@ def _parse_instance(raw, where: str, strict: bool) -> Instance:
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
         raise TaskDataError(f"{where}: 'output' must be a string or a non-empty list of strings")
     if not outputs[0].strip():
+        if not strict:
+            return None
         raise TaskDataError(f"{where}: 'output' is empty")
     return Instance(raw["input"], tuple(outputs), None if raw.get("id") is None else str(raw["id"]))
 
@@ -107,7 +114,11 @@ def _read_superni(path: Path) -> tuple[str, list[Instance]]:
     instances = doc["Instances"]
     if not isinstance(instances, list):
         raise TaskDataError(f"{path}: 'Instances' must be a list")
-    return definition.strip(), [_parse_instance(r, f"{path}: Instances[{i}]", False) for i, r in enumerate(instances)]
+    parsed = [_parse_instance(r, f"{path}: Instances[{i}]", False) for i, r in enumerate(instances)]
+    kept = [x for x in parsed if x is not None]
+    if len(kept) < len(parsed):
+        log.warning("%s: skipped %d instance(s) with an empty answer", path, len(parsed) - len(kept))
+    return definition.strip(), kept
 
 
 def _read_jsonl(path: Path) -> list[Instance]:
@@ -173,7 +184,10 @@ def load_task(
     definition = (definition or (defs[0] if defs else "")).strip()
     if not definition:
         raise TaskDataError(f"{p}: no task definition: pass definition= (--definition) or add definition.txt")
-    task_name = validate_name(name or (p.name if p.is_dir() else p.stem), "task name")
+    try:
+        task_name = validate_name(name or (p.name if p.is_dir() else p.stem), "task name")
+    except ValueError as e:
+        raise TaskDataError(f"{p}: {e}") from None
     if not splits["train"]:
         raise TaskDataError(f"{p}: the training split is empty")
     rng = random.Random(seed)

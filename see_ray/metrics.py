@@ -236,7 +236,8 @@ def plot_score_matrix(
     data = np.array(
         [[np.nan if v is None else float(v) for v in row] for row in R], dtype=float
     )
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * T, 1.0 + 0.7 * T))
+    # Floor of 6x5 inches so that titles and tick labels fit even for one or two tasks.
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.9 * T), max(5.0, 2.0 + 0.8 * T)))
     # Masked cells (NaN) are not painted, so untrained tasks appear blank.
     im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100)
     for s in range(T):
@@ -250,7 +251,7 @@ def plot_score_matrix(
     ax.set_yticklabels([f"after {lab}" for lab in task_labels[:T]])
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("training stage")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -265,7 +266,7 @@ def plot_confusion(confusion_dict: dict, title: str, path: str) -> None:
     labels = confusion_dict["labels"]
     data = np.array(confusion_dict["matrix"], dtype=float)
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * n, 1.0 + 0.7 * n))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.9 * n), max(5.0, 2.0 + 0.8 * n)))
     im = ax.imshow(data, cmap="Blues")
     vmax = data.max() if data.size else 0
     for i in range(data.shape[0]):
@@ -283,7 +284,7 @@ def plot_confusion(confusion_dict: dict, title: str, path: str) -> None:
     ax.set_yticklabels(labels)
     ax.set_xlabel("answered by")
     ax.set_ylabel("true task")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -149,10 +149,19 @@ def deepspeed_config(tcfg: TrainConfig, micro_batch: int, world_size: int, on_gp
     ds.setdefault("gradient_clipping", 1.0)
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled") in (None, "auto"):
-        bf16["enabled"] = bool(on_gpu and tcfg.bf16_autocast)
+        bf16["enabled"] = bool(on_gpu and tcfg.bf16_autocast is not False)
     ds.setdefault("zero_optimization", {"stage": 2})
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
     return ds
+
+
+def use_bf16(tcfg: TrainConfig, device: torch.device) -> bool:
+    """Resolve ``training.bf16_autocast`` (None = auto) for this device."""
+    if tcfg.bf16_autocast is not None:
+        return tcfg.bf16_autocast
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # native bf16 kernels, not emulation
 
 
 def _init_single_process_group() -> None:
@@ -236,14 +245,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
         )
-        autocast_on = tcfg.bf16_autocast and not on_gpu  # on GPU DeepSpeed's own bf16 mode is used
+        autocast_on = use_bf16(tcfg, device) and not on_gpu  # on GPU DeepSpeed's own bf16 mode is used
     else:
         engine = None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         warm = max(1, tcfg.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-        autocast_on = tcfg.bf16_autocast
+        autocast_on = use_bf16(tcfg, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_on)
 
     bar = None

@@ -1,0 +1,526 @@
+#!/usr/bin/env python
+"""Add one expert to the SEE sequence: validate, reconstruct, train on Ray, validate, register, deploy.
+
+On a running cluster::
+
+    ray job submit --working-dir . -- python jobs/add_expert.py --task data/shout --name shout \\
+        --storage /shared/see-ray-storage [--workers 2] [--replace] [--set training.steps=60]
+
+Locally (a local Ray instance is started)::
+
+    python jobs/add_expert.py --task data/shout --name shout
+
+Steps (each timed and printed in the summary):
+1. validate the input: task data, names, config, general pool, registry state. Nothing is written, and the
+   job exits with 2 and a clear message on bad input (including "name exists, use --replace");
+2. build SEE's reconstructed training set from the registry's rehearsal buffer (positives + rehearsal
+   negatives of every task in the sequence + general-pool negatives);
+3. train on Ray Train + DeepSpeed (train_ray.py);
+4. validate the new expert on held-out data: accept rate on its own dev queries, reject rate on the other
+   tasks' rehearsal queries (both with and without the task definition), at the threshold calibrated on its
+   own dev queries; below ``--min-accept`` / ``--min-reject`` nothing is registered and the job exits 1;
+5. register it with its rehearsal samples (registry.py: files first, then an atomic swap of the document,
+   under the registry lock). If another job registered an expert while this one trained, the new expert was
+   not trained to reject that task: it is checked against that task's rehearsal queries under the lock and
+   retrained once with the updated buffer if it fails (``--max-retrain``);
+6. deploy it live if the serving application is running (``deploy_live``: the Serve issue fills it in);
+7. print a summary: timings, validation figures, the new sequence, and one ``SEE_RAY_RESULT {json}`` line.
+
+Exit codes: 0 success; 1 training or validation failed (nothing registered); 2 bad input (nothing written).
+A job killed at any point leaves the registry as it was (see registry.py), and re-running it succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:  # the package is normally pip-installed; from a bare checkout, import it from the repo root
+    import see_ray  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from see_ray.config import ConfigError, SEEConfig
+from see_ray.data import Task, TaskDataError, load_task, validate_name
+from see_ray.prompts import IndicatorError, Query
+from see_ray.registry import (
+    BaseModelIdentity,
+    ExpertExists,
+    ExpertRecord,
+    Indicators,
+    NewExpert,
+    Registry,
+    RegistryDoc,
+    RegistryError,
+    format_sequence,
+)
+from see_ray.rehearsal import RehearsalBuffer, reconstruct
+from see_ray.storage import Storage, StorageError, default_storage_uri, is_uri
+from see_ray.train_ray import RayTrainConfig, TrainOutcome, ensure_ray, load_job_configs, train_on_ray
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+RESULT_PREFIX = "SEE_RAY_RESULT "
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in the entrypoint's env
+
+log = logging.getLogger("add_expert")
+
+
+class BadInput(Exception):
+    """Step 1 refused the input; exit 2, nothing written."""
+
+
+class Failed(Exception):
+    """Training or validation failed; exit 1, nothing registered."""
+
+
+class StaleTrainingSet(Exception):
+    """An expert registered while we trained is not rejected well enough: retrain with it as negatives."""
+
+
+class ValidationBars(BaseModel):
+    """The bar a new expert must clear before it is registered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_accept: float = Field(0.8, ge=0.0, le=1.0, description="Least accept rate on its own dev queries.")
+    min_reject: float = Field(
+        0.8, ge=0.0, le=1.0, description="Least reject rate on the other tasks' rehearsal queries."
+    )
+
+
+# -- step 1: input --------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="add_expert.py", description="Train, validate and register one SEE expert on a Ray cluster."
+    )
+    p.add_argument("--task", required=True, help="Task data: folder or .json (SuperNI) / .jsonl file.")
+    p.add_argument("--name", required=True, help="Expert name (unique in the sequence).")
+    p.add_argument("--task-name", help="Task name for rehearsal bookkeeping (default: the expert name).")
+    p.add_argument("--definition", help="Task instruction, if the data carries none.")
+    p.add_argument("--storage", help=f"Storage root (default ${'{'}SEE_RAY_STORAGE{'}'} or {default_storage_uri()}).")
+    p.add_argument("--config", help="YAML with SEE sections and an optional ray_train section.")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="Config override.")
+    p.add_argument("--workers", type=int, help="Ray Train workers (ray_train.num_workers).")
+    p.add_argument("--gpu", action="store_true", help="Train on GPUs (ray_train.use_gpu).")
+    p.add_argument("--replace", action="store_true", help="Train a new version of an existing expert.")
+    p.add_argument("--general-pool", help="JSONL of general queries ({'input', 'definition'?}); default: built-in.")
+    p.add_argument("--min-accept", type=float, default=ValidationBars().min_accept, help="Validation bar (0-1).")
+    p.add_argument("--min-reject", type=float, default=ValidationBars().min_reject, help="Validation bar (0-1).")
+    p.add_argument("--max-retrain", type=int, default=1, help="Retrains when a concurrent job changed the buffer.")
+    p.add_argument("--threads", type=int, help="torch threads of this driver process for validation (default 1).")
+    return p.parse_args(argv)
+
+
+def in_ray_job() -> bool:
+    return JOB_CONFIG_ENV in os.environ
+
+
+def job_identity() -> dict:
+    ident = {"host": socket.gethostname(), "pid": os.getpid()}
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if raw:
+        try:
+            meta = json.loads(raw).get("metadata") or {}
+            ident["submission_id"] = meta.get("job_submission_id")
+        except ValueError:
+            pass
+    return ident
+
+
+def load_general_pool(path: str | None) -> list[Query]:
+    if path is None:
+        from see_ray.demo import general_pool
+
+        return general_pool()
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--general-pool {p}: no such file")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{p}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(raw, str):
+            raw = {"input": raw}
+        if not isinstance(raw, dict) or not isinstance(raw.get("input"), str) or not raw["input"].strip():
+            raise BadInput(f"{p}:{n}: expected {{'input': str, 'definition': str?}}")
+        d = raw.get("definition")
+        if d is not None and not isinstance(d, str):
+            raise BadInput(f"{p}:{n}: 'definition' must be a string")
+        out.append(Query(raw["input"], d or None))
+    if not out:
+        raise BadInput(f"{p}: the general pool is empty (SEE.md: it is required, not optional)")
+    return out
+
+
+@dataclass
+class Inputs:
+    task: Task
+    see: SEEConfig
+    rt: RayTrainConfig
+    bars: ValidationBars
+    pool: list[Query]
+    registry: Registry
+    model_path: str
+    indicators: Indicators
+
+
+def validate_inputs(args: argparse.Namespace) -> Inputs:
+    """Step 1. Everything that can be wrong with the input is found here, before anything is written."""
+    from see_ray.model import load_tokenizer, resolve_model_path
+    from see_ray.prompts import resolve_indicators
+
+    try:
+        validate_name(args.name, "expert name")
+        task = load_task(args.task, name=args.task_name or args.name, definition=args.definition)
+        see, rt = load_job_configs(args.config, args.set)
+        bars = ValidationBars(min_accept=args.min_accept, min_reject=args.min_reject)
+    except (TaskDataError, ConfigError, ValueError) as e:
+        raise BadInput(str(e)) from None
+    if args.workers is not None:
+        if args.workers < 1:
+            raise BadInput("--workers must be >= 1")
+        rt.num_workers = args.workers
+    if args.gpu:
+        rt.use_gpu = True
+    if not task.dev:
+        raise BadInput(f"{args.task}: no dev instances to validate the expert on (give a dev split or more data)")
+    if len(task.train) < rt.num_workers:
+        raise BadInput(f"{args.task}: {len(task.train)} training instances cannot be split over {rt.num_workers} workers")
+    storage_arg = args.storage or default_storage_uri()
+    if in_ray_job() and not is_uri(storage_arg) and not os.path.isabs(os.path.expanduser(storage_arg)):
+        # The entrypoint runs in a temporary copy of --working-dir: a relative root would vanish with it.
+        raise BadInput(f"--storage {storage_arg!r}: use an absolute path or a URI inside a Ray job")
+    try:
+        registry = Registry(Storage(storage_arg))
+        doc = registry.load()
+        registry.check_can_add(args.name, task.name, args.replace, doc)
+        if args.replace and doc.find(args.name) is None:
+            print(f"note: --replace given but no expert {args.name!r} exists; adding it as new", flush=True)
+    except (RegistryError, StorageError) as e:
+        raise BadInput(str(e)) from None
+    pool = load_general_pool(args.general_pool)
+    try:
+        model_path = resolve_model_path(see.model)
+        accept_id, reject_id = resolve_indicators(load_tokenizer(model_path), see.indicators)
+        rt.deepspeed_dict(see)  # a missing or broken DeepSpeed file is bad input too
+    except (IndicatorError, ConfigError, OSError) as e:
+        raise BadInput(str(e)) from None
+    ind = Indicators(accept=see.indicators.accept, reject=see.indicators.reject, accept_id=accept_id, reject_id=reject_id)
+    return Inputs(task, see, rt, bars, pool, registry, model_path, ind)
+
+
+# -- step 2: the reconstructed training set -------------------------------------------------------------
+def build_training_set(inp: Inputs, doc: RegistryDoc):
+    """SEE step 1 (task reconstruction) from the registry's buffer; the task itself is never a negative."""
+    buffer = inp.registry.rehearsal_buffer(doc, exclude={inp.task.name})
+    examples = reconstruct(inp.task, buffer, inp.pool, inp.see.rehearsal, exclude={inp.task.name})
+    counts = {
+        "positives": sum(e.indicator == "accept" for e in examples),
+        "rehearsal_negatives": sum(e.indicator == "reject" and e.source != "general" for e in examples),
+        "general_negatives": sum(e.source == "general" for e in examples),
+    }
+    return examples, buffer, counts
+
+
+# -- step 4: validation ---------------------------------------------------------------------------------
+def both_modes(queries: list[Query]) -> list[Query]:
+    """Each query as written and input-only: clients usually send the raw query (SEE.md caveat)."""
+    out = []
+    for q in queries:
+        out.append(q)
+        if q.definition:
+            out.append(Query(q.input, None))
+    return out
+
+
+def other_task_queries(buffer: RehearsalBuffer, tasks: list[str] | None = None) -> dict[str, list[Query]]:
+    return {
+        t: both_modes([Query(s["input"], s.get("definition")) for s in samples])
+        for t, samples in buffer.samples.items()
+        if tasks is None or t in tasks
+    }
+
+
+def reject_rates(model, name: str, per_task: dict[str, list[Query]], thr: float) -> dict[str, float]:
+    out = {}
+    for t, qs in per_task.items():
+        if qs:
+            ps = model.decide(qs, name)
+            out[t] = sum(p < thr for p in ps) / len(ps)
+    return out
+
+
+def validate_expert(model, inp: Inputs, buffer: RehearsalBuffer) -> dict:
+    """Accept rate on own dev queries, reject rate on other tasks' rehearsal queries, calibrated threshold."""
+    from see_ray.router import calibrate_threshold
+
+    name = inp.task.name
+    own = both_modes([inp.task.query(x) for x in inp.task.dev])
+    p_own = model.decide(own, name)
+    calibrated = calibrate_threshold(p_own, inp.see.routing)
+    thr = inp.see.routing.threshold if inp.see.routing.threshold is not None else calibrated
+    per_task = reject_rates(model, name, other_task_queries(buffer), thr)
+    n_other = sum(len(q) for q in other_task_queries(buffer).values())
+    reject = (
+        sum(r * len(other_task_queries(buffer)[t]) for t, r in per_task.items()) / n_other if n_other else None
+    )
+    general = reject_rates(model, name, {"general": both_modes(inp.pool)}, thr).get("general")
+    accept = sum(p >= thr for p in p_own) / len(p_own)
+    return {
+        "threshold": thr,
+        "calibrated_threshold": calibrated,
+        "accept_rate": accept,
+        "n_own": len(own),
+        "reject_rate": reject,  # None for the first expert: there is no other task yet
+        "n_other": n_other,
+        "reject_rate_per_task": per_task,
+        "reject_rate_general_pool": general,  # informative: the pool was in the training set
+        "min_accept": inp.bars.min_accept,
+        "min_reject": inp.bars.min_reject,
+        "p_own_mean": sum(p_own) / len(p_own),
+    }
+
+
+def passes(v: dict) -> bool:
+    return v["accept_rate"] >= v["min_accept"] and (v["reject_rate"] is None or v["reject_rate"] >= v["min_reject"])
+
+
+# -- step 6: live deployment hook -----------------------------------------------------------------------
+def serving_running() -> bool:
+    """Is a Ray Serve controller alive on this cluster? (looked up by name; nothing is started)."""
+    import ray
+
+    try:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+    except Exception:  # a Ray without Serve installed, or an unreachable GCS: treat as not running
+        return False
+
+
+def deploy_live(record: ExpertRecord, registry: Registry, see: SEEConfig) -> dict:
+    """Step 6 hook: deploy the newly registered expert into the running serving application.
+
+    The Serve issue supplies the deployment itself (one application per expert, found by name by the
+    dispatcher: STACK-NOTES gotcha 5). Until then this only reports whether serving is running.
+    Returns {"deployed": bool, "serving": bool, "message": str}.
+    """
+    if not serving_running():
+        return {"deployed": False, "serving": False, "message": "serving is not running; expert registered only"}
+    return {
+        "deployed": False,
+        "serving": True,
+        "message": "serving is running, but live deployment is not implemented yet (Serve issue); "
+        "the expert is registered and will be served after the next deploy",
+    }
+
+
+# -- the job --------------------------------------------------------------------------------------------
+@dataclass
+class Timer:
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def run(self, label: str, fn, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            self.steps[label] = self.steps.get(label, 0.0) + time.perf_counter() - t0
+            print(f"[add_expert] {label}: {self.steps[label]:.1f} s", flush=True)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    timer = Timer()
+    inp = timer.run("1_validate_input", validate_inputs, args)
+    task, see, rt, registry = inp.task, inp.see, inp.rt, inp.registry
+    print(
+        f"[add_expert] task {task.name}: {len(task.train)} train / {len(task.dev)} dev; registry {registry.storage.uri}; "
+        f"{rt.num_workers} worker(s), deepspeed={rt.deepspeed}",
+        flush=True,
+    )
+    import torch
+
+    torch.set_num_threads(args.threads or see.model.num_threads or 1)
+    ensure_ray()
+    from see_ray.expert import SEEModel
+    from see_ray.model import fingerprint
+
+    base = BaseModelIdentity(name_or_path=see.model.name_or_path, fingerprint=fingerprint(inp.model_path))
+    work = Path(tempfile.mkdtemp(prefix=f"see-add-{args.name}-"))
+    model = None
+    try:
+        for attempt in range(args.max_retrain + 1):
+            doc = registry.load()
+            examples, buffer, counts = timer.run("2_reconstruct", build_training_set, inp, doc)
+            print(f"[add_expert] reconstructed set: {counts}; negatives from tasks {buffer.tasks()}", flush=True)
+            try:
+                outcome: TrainOutcome = timer.run(
+                    "3_train",
+                    train_on_ray,
+                    examples,
+                    see,
+                    rt,
+                    name=args.name,
+                    meta={"task": task.name, "attempt": attempt},
+                    storage=registry.storage,
+                    output_dir=work / f"adapter-{attempt}",
+                    # A configured folder is opened as is (shared in a cluster); otherwise every worker
+                    # resolves model.name_or_path on its own node (the default is converted once per node).
+                    model_path=see.model.name_or_path if os.path.isdir(see.model.name_or_path) else None,
+                )
+            except Exception as e:  # Ray's TrainingFailedError and friends: the figures are in the message
+                raise Failed(f"training failed: {e}") from e
+
+            def _validate():
+                nonlocal model
+                if model is None:
+                    model = SEEModel(see, inp.model_path)
+                model.load_adapter(task.name, outcome.adapter_dir)
+                return validate_expert(model, inp, buffer)
+
+            v = timer.run("4_validate", _validate)
+            print(
+                f"[add_expert] validation: accept {_fmt(v['accept_rate'])} (bar {v['min_accept']}) on {v['n_own']} own "
+                f"dev queries; reject {_fmt(v['reject_rate'])} (bar {v['min_reject']}) on {v['n_other']} other-task "
+                f"queries {json.dumps({k: round(r, 3) for k, r in v['reject_rate_per_task'].items()})}; "
+                f"threshold {v['threshold']:.3f}",
+                flush=True,
+            )
+            if not passes(v):
+                raise Failed(
+                    f"expert {args.name!r} did not pass validation and was NOT registered: accept rate "
+                    f"{_fmt(v['accept_rate'])} (need >= {v['min_accept']}), reject rate {_fmt(v['reject_rate'])} "
+                    f"(need >= {v['min_reject']})"
+                )
+            trained_against = buffer.tasks()
+
+            def check(current: RegistryDoc) -> None:
+                """Under the lock: experts registered while we trained must be rejected too."""
+                newer = [e for e in current.experts if e.task != task.name and e.task not in trained_against]
+                if not newer:
+                    return
+                tasks = [e.task for e in newer]
+                extra = reject_rates(
+                    model, task.name,
+                    other_task_queries(registry.rehearsal_buffer(current), tasks), v["threshold"],
+                )
+                v["checked_at_commit"] = extra
+                print(f"[add_expert] registered meanwhile: {tasks}; reject rates {extra}", flush=True)
+                if any(r < inp.bars.min_reject for r in extra.values()):
+                    raise StaleTrainingSet(tasks)
+
+            samples = RehearsalBuffer.empty().add_task(task, see.rehearsal)
+            new = NewExpert(
+                name=args.name,
+                task=task.name,
+                adapter_dir=str(outcome.adapter_dir),
+                rehearsal_samples=samples,
+                base_model=base,
+                indicators=inp.indicators,
+                threshold=v["threshold"],
+                definition=task.definition,
+                trained_against=trained_against,
+                training={
+                    "config": see.model_dump(mode="json"),
+                    "ray_train": rt.model_dump(mode="json"),
+                    "deepspeed": rt.deepspeed_dict(see),
+                    "figures": outcome.metrics,
+                    "examples": counts,
+                    "run_name": outcome.run_name,
+                    "checkpoint_uri": outcome.checkpoint_uri,
+                    "fit_s": outcome.fit_s,
+                },
+                validation=v,
+                job=job_identity(),
+            )
+            try:
+                record = timer.run("5_register", registry.add, new, replace=args.replace, check=check)
+                break
+            except StaleTrainingSet as e:
+                if attempt == args.max_retrain:
+                    raise Failed(
+                        f"experts for tasks {e.args[0]} were registered while {args.name!r} trained, and it does not "
+                        "reject their queries well enough; re-submit the job"
+                    ) from None
+                print(f"[add_expert] retraining with the new rehearsal samples of {e.args[0]}", flush=True)
+        deploy = timer.run("6_deploy", deploy_live, record, registry, see)
+        print(f"[add_expert] deploy: {deploy['message']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # -- step 7: summary ------------------------------------------------------------------------------
+    doc = registry.load()
+    total = time.perf_counter() - t_start
+    print("\n=== add_expert summary ===")
+    print(f"expert      {record.name} v{record.version} (task {record.task}), position {record.position}")
+    print(f"adapter     {record.adapter_uri}")
+    print(f"training    {outcome.metrics.get('steps')} steps, {outcome.metrics.get('train_s', 0):.1f} s loop, "
+          f"{outcome.metrics.get('tokens_per_s', 0):.0f} tokens/s, final loss {outcome.metrics.get('final_loss', 0):.4f}, "
+          f"{rt.num_workers} worker(s)")
+    print(f"validation  accept {_fmt(v['accept_rate'])}, reject {_fmt(v['reject_rate'])}, threshold {v['threshold']:.3f}")
+    print("timings     " + ", ".join(f"{k} {s:.1f} s" for k, s in timer.steps.items()) + f", total {total:.1f} s")
+    print(f"sequence    ({see.routing.order}, as routing asks them):")
+    print(format_sequence(doc.experts, see.routing.order))
+    result = {
+        "name": record.name,
+        "version": record.version,
+        "position": record.position,
+        "adapter_uri": record.adapter_uri,
+        "validation": v,
+        "training": outcome.metrics,
+        "timings": timer.steps,
+        "total_s": total,
+        "deploy": deploy,
+        "sequence": [e.name for e in doc.experts],
+    }
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return EXIT_OK
+
+
+def _terminate(signum, frame):  # `ray job stop` sends SIGTERM: unwind so temporary folders are removed
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except BadInput as e:
+        print(f"add_expert: bad input: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except ExpertExists as e:  # lost a race with a job that registered the same name meanwhile
+        print(f"add_expert: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except (Failed, RegistryError) as e:
+        print(f"add_expert: FAILED: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

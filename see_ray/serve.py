@@ -1,0 +1,748 @@
+"""Serving SEE on Ray Serve: one deployment per expert, a base deployment, and a sequential dispatcher.
+
+Layout on the cluster (STACK-NOTES gotcha 5: every expert is its own *application*, so adding, replacing or
+removing one never redeploys — and never restarts — anything else):
+
+    application  see-expert-<name>   deployment <name>   ExpertDeployment: base model + that expert's adapter
+    application  see-base            deployment base     BaseDeployment: the base model without adapters
+    application  see                 deployment dispatcher  Dispatcher: FastAPI ingress at '/', no model
+
+The dispatcher holds async ``DeploymentHandle``s to the experts, found by name, in registry order (newest
+first by default), and walks them per request: ``ask`` expert 1; if it rejects, expert 2; ...; the first that
+accepts generates in the same call (from its decide pass's KV cache); if all reject, ``base`` generates. In
+``concurrent`` mode it asks the next ``width`` experts at once and takes the first ACCEPT in sequence order:
+every expert runs the very same ``ask`` on the very same query, so both modes give identical answers and
+traces (the trace lists the experts up to the acceptor; later asks of a window are cancelled or ignored).
+
+It follows registry changes without a restart: it re-reads the registry (and Serve's status, so that only
+experts whose application is running join the sequence) every ``dispatch.registry_poll_s``, and
+``add_expert_live`` / ``remove_expert_live`` tell it at once.
+
+Model replicas batch concurrent requests with ``@serve.batch`` (``batch.max_batch_size``, ``batch.wait_s``)
+and run the model in a worker thread under a lock, with ``torch.set_num_threads(threads)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from . import api
+from .api import APIError
+from .config import SEEConfig
+from .metrics import BASE
+from .prompts import Query
+from .router import Ask, ExpertSpec, RouteResult, ordered
+from .serve_config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+BASE_DEPLOYMENT = "base"
+DISPATCHER_DEPLOYMENT = "dispatcher"
+
+
+def effective_threshold(spec: ExpertSpec, routing) -> float:
+    """The same rule as ``router.Router.threshold``: fixed global > calibrated > default."""
+    if routing.threshold is not None:
+        return routing.threshold
+    return spec.threshold if spec.threshold is not None else routing.default_threshold
+
+
+# == model replicas ========================================================================================
+class _ModelReplica:
+    """Shared by the expert and base deployments: the model, its thread budget, batching and metrics."""
+
+    adapter: str | None = None
+
+    def _setup(self, see_cfg: dict, serve_cfg: dict, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # STACK-NOTES gotcha 4
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        from .expert import SEEModel
+
+        self.cfg = SEEConfig.model_validate(see_cfg)
+        self.scfg = ServeConfig.model_validate(serve_cfg)
+        self.model = SEEModel(self.cfg, batch_size=self.scfg.batch.size)
+        self._lock = threading.Lock()
+        size, wait = self.scfg.batch.size, self.scfg.batch.wait_s
+        for m in (self.ask, self.decide, self.generate):
+            m.set_max_batch_size(size)
+            m.set_batch_wait_timeout_s(wait)
+        from ray.serve.metrics import Counter, Histogram
+
+        bounds = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+        self._m_decide = Histogram("see_replica_decide_ms", "Batched decide pass (ms).", bounds, tag_keys=("expert",))
+        self._m_generate = Histogram(
+            "see_replica_generate_ms", "Batched generation (ms).", bounds, tag_keys=("expert",)
+        )
+        self._m_batch = Histogram("see_replica_batch_size", "Requests per batch.", [1, 2, 4, 8, 16, 32, 64], tag_keys=("expert",))
+        self._tags = {"expert": self.adapter or BASE}
+
+    async def _run(self, fn, *a):
+        def locked():
+            with self._lock:
+                return fn(*a)
+
+        return await asyncio.to_thread(locked)
+
+    def _tokens(self, queries: list[Query], answers: list[str | None], max_tokens: int) -> list[dict]:
+        out = []
+        for q, a in zip(queries, answers):
+            n_prompt = len(self.model.encoder.encode_query(q))
+            n_out = len(self.model.tokenizer.encode(a, add_special_tokens=False)) if a else 0
+            out.append({"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                        "finish": "length" if n_out >= max_tokens else "stop"})
+        return out
+
+    @staticmethod
+    def _query(req: dict) -> Query:
+        return Query(req["input"], req.get("definition"))
+
+    def _groups(self, reqs: list[dict], key) -> dict[Any, list[int]]:
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault(key(r), []).append(i)
+        return groups
+
+    def _generate_batch(self, reqs: list[dict], after_accept: bool) -> list[dict]:
+        out: list[dict] = [{}] * len(reqs)
+        t0 = time.perf_counter()
+        for mt, idx in self._groups(reqs, lambda r: int(r["max_tokens"])).items():
+            qs = [self._query(reqs[i]) for i in idx]
+            texts = self.model.generate(qs, self.adapter, mt, after_accept=after_accept)
+            for i, t, tok in zip(idx, texts, self._tokens(qs, texts, mt)):
+                out[i] = {"answer": t, **tok}
+        self._m_generate.observe((time.perf_counter() - t0) * 1000, self._tags)
+        self._m_batch.observe(len(reqs), self._tags)
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def generate(self, reqs: list[dict]) -> list[dict]:
+        """Generate answers: ``{input, definition?, max_tokens}`` -> ``{answer, prompt_tokens, completion_tokens,
+        finish}``. An expert generates as after its ACCEPT; the base answers directly."""
+        return await self._run(self._generate_batch, reqs, self.adapter is not None)
+
+    # placeholders so that _setup can configure every batched method of both kinds of replica
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def ask(self, reqs: list[dict]) -> list[dict]:  # pragma: no cover - overridden by experts
+        raise NotImplementedError("the base model does not decide")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def decide(self, reqs: list[dict]) -> list[float]:  # pragma: no cover - overridden by experts
+        raise NotImplementedError("the base model does not decide")
+
+
+@serve.deployment(name="expert", max_ongoing_requests=16, health_check_period_s=10)
+class ExpertDeployment(_ModelReplica):
+    """One SEE expert: the frozen base model plus this expert's LoRA adapter (from the registry record)."""
+
+    def __init__(self, record: dict, storage_uri: str, see_cfg: dict, serve_cfg: dict):
+        from .registry import ExpertRecord, Registry
+
+        rec = ExpertRecord.model_validate(record)
+        self.adapter = rec.name
+        self.record = rec
+        scfg = ServeConfig.model_validate(serve_cfg)
+        self._setup(see_cfg, serve_cfg, scfg.expert.threads)
+        path = Registry(storage_uri).adapter_path(rec)  # materialized locally and hash-checked
+        self.model.load_adapter(rec.name, path)
+
+    def _ask_batch(self, reqs: list[dict]) -> list[dict]:
+        out: list[dict] = [{}] * len(reqs)
+        t0 = time.perf_counter()
+        key = lambda r: (float(r["threshold"]) if r.get("generate", True) else None, int(r.get("max_tokens", 1)))  # noqa: E731
+        for (thr, mt), idx in self._groups(reqs, key).items():
+            qs = [self._query(reqs[i]) for i in idx]
+            probs, answers = self.model.decide_and_generate(qs, self.adapter, thr, mt)
+            toks = self._tokens(qs, answers, mt)
+            for i, p, a, tok in zip(idx, probs, answers, toks):
+                out[i] = {"p": p, "answer": a, **tok}
+        ms = (time.perf_counter() - t0) * 1000
+        self._m_decide.observe(ms, self._tags)
+        self._m_batch.observe(len(reqs), self._tags)
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def ask(self, reqs: list[dict]) -> list[dict]:
+        """Decide and, on ACCEPT, generate in the same call from the decide pass's KV cache.
+
+        ``{input, definition?, threshold, max_tokens, generate}`` -> ``{p, answer (None if rejected or
+        generate=False), prompt_tokens, completion_tokens, finish}``. This is one hop of the dispatcher's walk.
+        """
+        return await self._run(self._ask_batch, reqs)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def decide(self, reqs: list[dict]) -> list[float]:
+        """p(ACCEPT) only: ``{input, definition?}`` -> float."""
+        def run():
+            t0 = time.perf_counter()
+            ps = self.model.decide([self._query(r) for r in reqs], self.adapter)
+            self._m_decide.observe((time.perf_counter() - t0) * 1000, self._tags)
+            return ps
+
+        return await self._run(run)
+
+    def info(self) -> dict:
+        return {"name": self.record.name, "version": self.record.version, "task": self.record.task,
+                "threshold": self.record.threshold, "pid": os.getpid()}
+
+
+@serve.deployment(name=BASE_DEPLOYMENT, max_ongoing_requests=16, health_check_period_s=10)
+class BaseDeployment(_ModelReplica):
+    """The general model without adapters: SEE's answer when every expert rejects (and ``model=base``)."""
+
+    def __init__(self, see_cfg: dict, serve_cfg: dict):
+        scfg = ServeConfig.model_validate(serve_cfg)
+        self._setup(see_cfg, serve_cfg, scfg.base.threads)
+
+    def info(self) -> dict:
+        return {"name": BASE, "pid": os.getpid()}
+
+
+# == dispatcher ============================================================================================
+fastapi_app = FastAPI(
+    title="see-ray",
+    description="SEE (Sequential Ensemble of Experts) behind an OpenAI-compatible API. See see_ray/api.py.",
+)
+
+
+@fastapi_app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):  # a bug, never bad input
+    log.exception("internal error")
+    err = APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+@fastapi_app.exception_handler(404)
+async def _not_found(request: Request, exc):
+    err = APIError(404, f"no route {request.method} {request.url.path}", code="not_found")
+    return JSONResponse(err.body(), status_code=404)
+
+
+@fastapi_app.exception_handler(405)
+async def _bad_method(request: Request, exc):
+    err = APIError(405, f"method {request.method} not allowed on {request.url.path}", code="method_not_allowed")
+    return JSONResponse(err.body(), status_code=405)
+
+
+@dataclass
+class _Entry:
+    name: str
+    task: str
+    version: int
+    position: int
+    threshold: float
+    app: str
+    handle: Any = None
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+
+    return (BackPressureError, DeploymentUnavailableError, RayActorError, RayServeException)
+
+
+@serve.deployment(name=DISPATCHER_DEPLOYMENT, max_ongoing_requests=1000, health_check_period_s=10)
+@serve.ingress(fastapi_app)
+class Dispatcher:
+    """Walks the expert sequence for every request; holds no model."""
+
+    def __init__(self, see_cfg: dict, serve_cfg: dict, storage_uri: str):
+        from .registry import Registry
+
+        self.cfg = SEEConfig.model_validate(see_cfg)
+        self.scfg = ServeConfig.model_validate(serve_cfg)
+        self.storage_uri = storage_uri
+        self.registry = Registry(storage_uri)
+        self.mode, self.width = self.scfg.dispatch.mode, self.scfg.dispatch.width
+        self.seq: list[_Entry] = []
+        self.pending: list[dict] = []  # registry experts whose application is not running (yet)
+        self.generation = -1
+        self.inflight: dict[str, int] = {}
+        self._handles: dict[tuple[str, str], Any] = {}
+        self._refresh_lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+        self.base = serve.get_deployment_handle(BASE_DEPLOYMENT, self.scfg.base_app)
+        self._unavailable = _unavailable_errors()
+        self._init_metrics()
+        self._refresh_sync()
+
+    # -- metrics ----------------------------------------------------------------------------------------
+    def _init_metrics(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        ms = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+        self.m_requests = Counter("see_requests_total", "Requests by endpoint and model.", tag_keys=("endpoint", "model"))
+        self.m_asks = Counter("see_expert_decisions_total", "Expert decisions.", tag_keys=("expert", "decision"))
+        self.m_fallbacks = Counter("see_fallbacks_total", "Requests answered by the base after all experts rejected.")
+        self.m_answers = Counter("see_answers_total", "Requests answered, by who answered.", tag_keys=("expert",))
+        self.m_errors = Counter("see_errors_total", "Error responses by HTTP status.", tag_keys=("status",))
+        self.m_hops = Histogram("see_hops", "Experts asked per request.", [0, 1, 2, 3, 4, 6, 8, 12, 16, 32])
+        self.m_hop_ms = Histogram("see_hop_ms", "Latency of one ask (decide, + generate on ACCEPT) seen by the "
+                                  "dispatcher.", ms, tag_keys=("expert",))
+        self.m_generate_ms = Histogram("see_base_generate_ms", "Latency of a base-model answer.", ms)
+        self.m_request_ms = Histogram("see_request_ms", "End-to-end latency inside the dispatcher.", ms,
+                                      tag_keys=("endpoint",))
+
+    # -- following the registry ---------------------------------------------------------------------------
+    def _handle(self, app: str, name: str):
+        key = (app, name)
+        if key not in self._handles:
+            self._handles[key] = serve.get_deployment_handle(name, app, _check_exists=False)
+        return self._handles[key]
+
+    def _refresh_sync(self) -> dict:
+        """Registry (active experts, in routing order) ∩ Serve applications with a running replica."""
+        doc = self.registry.load()
+        recs = {r.name: r for r in doc.experts if r.status == "active"}
+        specs = ordered([ExpertSpec(r.name, r.task, r.adapter_uri, r.threshold) for r in recs.values()],
+                        self.cfg.routing.order)
+        apps = serve.status().applications
+        seq, pending = [], []
+        for s in specs:
+            rec, app = recs[s.name], self.scfg.expert_app(s.name)
+            st = apps.get(app)
+            running = False
+            if st is not None and str(getattr(st.status, "value", st.status)) in ("RUNNING", "DEPLOYING", "UNHEALTHY"):
+                dep = st.deployments.get(s.name)
+                running = dep is not None and any(
+                    str(getattr(k, "value", k)) == "RUNNING" and n > 0 for k, n in dep.replica_states.items()
+                )
+            if running:
+                seq.append(_Entry(s.name, s.task, rec.version, rec.position,
+                                  effective_threshold(s, self.cfg.routing), app, self._handle(app, s.name)))
+            else:
+                pending.append({"name": s.name, "app": app, "state": "not deployed" if st is None else str(st.status)})
+        changed = [e.name for e in seq] != [e.name for e in self.seq]
+        self.seq, self.pending, self.generation = seq, pending, doc.generation
+        if changed:
+            log.info("expert sequence now %s", [e.name for e in seq])
+        return self.sequence_info()
+
+    async def refresh(self) -> dict:
+        """Re-read the registry and Serve's status now (jobs call this after deploying or before removing)."""
+        async with self._refresh_lock:
+            return await asyncio.to_thread(self._refresh_sync)
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.scfg.dispatch.registry_poll_s)
+            try:
+                await self.refresh()
+            except Exception:  # a transient registry/controller problem must not stop the poller
+                log.exception("registry refresh failed; keeping the previous sequence")
+
+    def sequence_info(self) -> dict:
+        return {
+            "order": self.cfg.routing.order,
+            "mode": self.mode,
+            "width": self.width,
+            "registry": self.storage_uri,
+            "registry_generation": self.generation,
+            "sequence": [
+                {"name": e.name, "task": e.task, "version": e.version, "position": e.position,
+                 "threshold": e.threshold, "app": e.app, "state": "serving", "inflight": self.inflight.get(e.name, 0)}
+                for e in self.seq
+            ],
+            "pending": self.pending,
+        }
+
+    async def inflight_of(self, name: str) -> int:
+        return self.inflight.get(name, 0)
+
+    def set_dispatch(self, mode: str | None = None, width: int | None = None) -> dict:
+        """Switch between sequential and concurrent walking in place (benchmarks, tests)."""
+        if mode is not None:
+            if mode not in ("sequential", "concurrent"):
+                raise ValueError(f"unknown dispatch mode {mode!r}")
+            self.mode = mode
+        if width is not None:
+            if width < 1:
+                raise ValueError("width must be >= 1")
+            self.width = width
+        return {"mode": self.mode, "width": self.width}
+
+    def configs(self) -> dict:
+        """The configurations this dispatcher serves with (live deployment of new experts reuses them)."""
+        return {"see": self.cfg.model_dump(mode="json"), "serve": self.scfg.model_dump(mode="json"),
+                "storage": self.storage_uri}
+
+    # -- the walk ---------------------------------------------------------------------------------------
+    async def _ask(self, e: _Entry, q: Query, max_tokens: int, generate: bool, threshold: float | None = None):
+        req = {"input": q.input, "definition": q.definition, "threshold": e.threshold if threshold is None else threshold,
+               "max_tokens": max_tokens, "generate": generate}
+        self.inflight[e.name] = self.inflight.get(e.name, 0) + 1
+        t0 = time.perf_counter()
+        try:
+            r = await e.handle.ask.remote(req)
+        finally:
+            self.inflight[e.name] -= 1
+        ms = (time.perf_counter() - t0) * 1000
+        self.m_hop_ms.observe(ms, {"expert": e.name})
+        return r, ms
+
+    def _record(self, e: _Entry, r: dict, ms: float, thr: float, trace: list[Ask]) -> bool:
+        accepted = r["p"] >= thr
+        trace.append(Ask(e.name, r["p"], thr, accepted, ms))
+        self.m_asks.inc(1, {"expert": e.name, "decision": "accept" if accepted else "reject"})
+        return accepted
+
+    async def walk(self, q: Query, max_tokens: int, generate: bool = True, mode: str | None = None) -> tuple[RouteResult, dict]:
+        """SEE's sequential routing for one query. Returns the result and token/finish info of the answer."""
+        mode = mode or self.mode
+        seq = list(self.seq)  # a snapshot: a refresh during the walk does not change this request's sequence
+        trace: list[Ask] = []
+        if mode == "sequential":
+            for e in seq:
+                r, ms = await self._ask(e, q, max_tokens, generate)
+                if self._record(e, r, ms, e.threshold, trace):
+                    return RouteResult(r["answer"], e.name, trace), r
+        else:
+            k = max(1, self.width)
+            for start in range(0, len(seq), k):
+                window = seq[start : start + k]
+                t0 = time.perf_counter()
+                tasks = [asyncio.ensure_future(self._ask(e, q, max_tokens, generate)) for e in window]
+                try:
+                    for e, task in zip(window, tasks):
+                        r, _ = await task
+                        ms = (time.perf_counter() - t0) * 1000  # from the window's start: this hop's latency
+                        if self._record(e, r, ms, e.threshold, trace):
+                            return RouteResult(r["answer"], e.name, trace), r
+                finally:
+                    for t in tasks:  # the asks after the acceptor are not needed
+                        if not t.done():
+                            t.cancel()
+        self.m_fallbacks.inc()
+        if not generate:
+            return RouteResult(None, BASE, trace), {}
+        t0 = time.perf_counter()
+        r = await self.base.generate.remote({"input": q.input, "definition": q.definition, "max_tokens": max_tokens})
+        self.m_generate_ms.observe((time.perf_counter() - t0) * 1000)
+        return RouteResult(r["answer"], BASE, trace), r
+
+    async def _forced(self, model: str, q: Query, max_tokens: int) -> tuple[RouteResult, dict]:
+        if model == BASE:
+            r = await self.base.generate.remote({"input": q.input, "definition": q.definition, "max_tokens": max_tokens})
+            return RouteResult(r["answer"], BASE, []), r
+        e = next(x for x in self.seq if x.name == model)
+        r, ms = await self._ask(e, q, max_tokens, True, threshold=0.0)  # threshold 0: it always answers
+        trace = [Ask(e.name, r["p"], e.threshold, r["p"] >= e.threshold, ms)]
+        self.m_asks.inc(1, {"expert": e.name, "decision": "forced"})
+        return RouteResult(r["answer"], e.name, trace), r
+
+    async def answer(self, model: str, q: Query, max_tokens: int) -> tuple[RouteResult, dict, dict]:
+        """Route (or force) one query; returns the result, the answer's token info, and the trace dict."""
+        forced = model != self.scfg.model_name
+        t0 = time.perf_counter()
+        try:
+            coro = self._forced(model, q, max_tokens) if forced else self.walk(q, max_tokens)
+            res, info = await asyncio.wait_for(coro, self.scfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise api.unavailable(f"no answer within {self.scfg.request_timeout_s:.0f} s; retry later",
+                                  self.scfg.retry_after_s) from None
+        except self._unavailable as e:
+            raise api.unavailable(f"no deployment can take the request now ({type(e).__name__}); retry later",
+                                  self.scfg.retry_after_s) from None
+        self.m_hops.observe(res.hops)
+        self.m_answers.inc(1, {"expert": res.expert})
+        return res, info, self.trace_dict(res, forced, (time.perf_counter() - t0) * 1000)
+
+    def trace_dict(self, res: RouteResult, forced: bool, total_ms: float) -> dict:
+        return {
+            "expert": res.expert,
+            "hops": res.hops,
+            "mode": "forced" if forced else self.mode,
+            "asks": [asdict(a) for a in res.trace],
+            "hop_ms": [a.ms for a in res.trace],
+            "total_ms": total_ms,
+            "forced": forced,
+        }
+
+    # -- HTTP -----------------------------------------------------------------------------------------
+    async def _body(self, request: Request, model_cls):
+        self._ensure_poller()
+        n = request.headers.get("content-length")
+        if n is not None and n.isdigit() and int(n) > self.scfg.limits.max_body_bytes:
+            raise APIError(413, f"request body of {n} bytes exceeds {self.scfg.limits.max_body_bytes}",
+                           code="body_too_large")
+        return api.parse_body(await request.body(), model_cls, self.scfg.limits)
+
+    def _check_model(self, model: str) -> None:
+        known = {self.scfg.model_name, BASE, *(e.name for e in self.seq)}
+        if model not in known:
+            raise APIError(400, f"unknown model {model!r}; available: {sorted(known)}", param="model",
+                           code="model_not_found")
+
+    def _max_tokens(self, req) -> int:
+        return req.max_tokens or self.scfg.limits.default_max_tokens or self.cfg.routing.max_new_tokens
+
+    def _finish(self, text: str | None, info: dict, stops: list[str]) -> tuple[str, str]:
+        text, stopped = api.apply_stop(text or "", stops)
+        return text, "stop" if stopped else info.get("finish", "stop")
+
+    async def _guard(self, endpoint: str, model: str, fn):
+        t0 = time.perf_counter()
+        self.m_requests.inc(1, {"endpoint": endpoint, "model": model})
+        try:
+            return await fn()
+        except APIError as e:
+            self.m_errors.inc(1, {"status": str(e.status)})
+            raise
+        finally:
+            self.m_request_ms.observe((time.perf_counter() - t0) * 1000, {"endpoint": endpoint})
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        req = await self._body(request, api.CompletionRequest)
+        self._check_model(req.model)
+        mt = self._max_tokens(req)
+
+        async def run():
+            outs = await asyncio.gather(*(self.answer(req.model, q, mt) for q in req.queries()))
+            if req.stream:
+                return self._stream_completion(req, outs[0])
+            choices, pt, ct, traces = [], 0, 0, []
+            for i, (res, info, trace) in enumerate(outs):
+                text, finish = self._finish(res.answer, info, req.stops())
+                if req.echo:
+                    text = req.prompts()[i] + text
+                choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+                pt += info.get("prompt_tokens", 0)
+                ct += info.get("completion_tokens", 0)
+                traces.append(trace)
+            return api.completion_response(req.model, choices, api.usage(pt, ct), traces[0] if len(traces) == 1 else traces)
+
+        return await self._guard("completions", req.model, run)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        req = await self._body(request, api.ChatRequest)
+        self._check_model(req.model)
+        mt = self._max_tokens(req)
+
+        async def run():
+            res, info, trace = await self.answer(req.model, req.query(), mt)
+            text, finish = self._finish(res.answer, info, req.stops())
+            if req.stream:
+                return self._stream_chat(req, text, finish, info, trace)
+            usage = api.usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0))
+            return api.chat_response(req.model, text, finish, usage, trace)
+
+        return await self._guard("chat", req.model, run)
+
+    def _stream_completion(self, req, out):
+        res, info, trace = out
+        text, finish = self._finish(res.answer, info, req.stops())
+        cid, created = api.new_id("cmpl"), int(time.time())
+
+        def chunk(piece: str, fin: str | None, extra: dict | None = None) -> dict:
+            d = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                 "choices": [{"index": 0, "text": piece, "finish_reason": fin, "logprobs": None}]}
+            return {**d, **(extra or {})}
+
+        async def events():
+            for piece in api.stream_pieces(text):
+                yield api.sse(chunk(piece, None))
+            usage = api.usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0))
+            yield api.sse(chunk("", finish, {"usage": usage, api.TRACE_FIELD: trace}))
+            yield api.sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _stream_chat(self, req, text: str, finish: str, info: dict, trace: dict):
+        cid, created = api.new_id("chatcmpl"), int(time.time())
+
+        def chunk(delta: dict, fin: str | None, extra: dict | None = None) -> dict:
+            d = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": fin, "logprobs": None}]}
+            return {**d, **(extra or {})}
+
+        async def events():
+            yield api.sse(chunk({"role": "assistant", "content": ""}, None))
+            for piece in api.stream_pieces(text):
+                yield api.sse(chunk({"content": piece}, None))
+            usage = api.usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0))
+            yield api.sse(chunk({}, finish, {"usage": usage, api.TRACE_FIELD: trace}))
+            yield api.sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @fastapi_app.post("/v1/route")
+    async def route(self, request: Request):
+        req = await self._body(request, api.RouteRequest)
+
+        async def run():
+            t0 = time.perf_counter()
+            try:
+                res, _ = await asyncio.wait_for(self.walk(req.query(), 1, generate=False), self.scfg.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise api.unavailable("routing timed out; retry later", self.scfg.retry_after_s) from None
+            except self._unavailable as e:
+                raise api.unavailable(f"no deployment can take the request now ({type(e).__name__})",
+                                      self.scfg.retry_after_s) from None
+            return {"object": "see.route", **self.trace_dict(res, False, (time.perf_counter() - t0) * 1000)}
+
+        return await self._guard("route", self.scfg.model_name, run)
+
+    @fastapi_app.get("/v1/models")
+    async def models(self):
+        self._ensure_poller()
+        data = [{"id": self.scfg.model_name, "object": "model", "created": 0, "owned_by": "see-ray",
+                 "see_kind": "system"},
+                {"id": BASE, "object": "model", "created": 0, "owned_by": "see-ray", "see_kind": "base"}]
+        data += [{"id": e.name, "object": "model", "created": 0, "owned_by": "see-ray", "see_kind": "expert",
+                  "see_task": e.task} for e in self.seq]
+        return {"object": "list", "data": data}
+
+    @fastapi_app.get("/v1/experts")
+    async def experts(self):
+        self._ensure_poller()
+        return self.sequence_info()
+
+    @fastapi_app.get("/healthz")
+    async def healthz(self):
+        self._ensure_poller()
+        return {"status": "ok", "experts": len(self.seq), "pending": len(self.pending), "mode": self.mode}
+
+
+# == building and deploying ================================================================================
+def _dump(cfg) -> dict:
+    return json.loads(cfg.model_dump_json())
+
+
+def expert_app(rec, see: SEEConfig, scfg: ServeConfig, storage_uri: str):
+    r = scfg.expert
+    return ExpertDeployment.options(
+        name=rec.name,
+        ray_actor_options=r.actor_options(),
+        autoscaling_config=r.autoscaling.serve_dict(),
+        max_ongoing_requests=r.max_ongoing_requests,
+        max_queued_requests=r.max_queued_requests,
+    ).bind(rec.model_dump(mode="json"), storage_uri, _dump(see), _dump(scfg))
+
+
+def base_app(see: SEEConfig, scfg: ServeConfig):
+    r = scfg.base
+    return BaseDeployment.options(
+        ray_actor_options=r.actor_options(),
+        autoscaling_config=r.autoscaling.serve_dict(),
+        max_ongoing_requests=r.max_ongoing_requests,
+        max_queued_requests=r.max_queued_requests,
+    ).bind(_dump(see), _dump(scfg))
+
+
+def dispatcher_app(see: SEEConfig, scfg: ServeConfig, storage_uri: str):
+    return Dispatcher.options(
+        num_replicas=scfg.dispatcher_replicas,
+        ray_actor_options={"num_cpus": scfg.dispatcher_num_cpus},
+    ).bind(_dump(see), _dump(scfg), storage_uri)
+
+
+def start_serve(scfg: ServeConfig) -> None:
+    """Start Serve's HTTP proxy on host:port (a no-op when Serve already runs on this cluster)."""
+    serve.start(http_options={"host": scfg.host, "port": scfg.port})
+
+
+def url_of(scfg: ServeConfig) -> str:
+    return f"http://{scfg.host}:{scfg.port}"
+
+
+def deploy_all(see: SEEConfig, scfg: ServeConfig, storage_uri: str, progress=print) -> dict:
+    """Deploy the registry's active experts, the base and the dispatcher (all applications at once)."""
+    from ray.serve import RunTarget
+
+    from .registry import Registry
+
+    registry = Registry(storage_uri)
+    recs = [r for r in registry.list() if r.status == "active"]
+    start_serve(scfg)
+    t0 = time.perf_counter()
+    progress(f"deploying {len(recs)} expert(s) {[r.name for r in recs]} and the base model ...")
+    targets = [RunTarget(expert_app(r, see, scfg, storage_uri), name=scfg.expert_app(r.name), route_prefix=None)
+               for r in recs]
+    targets.append(RunTarget(base_app(see, scfg), name=scfg.base_app, route_prefix=None))
+    serve.run_many(targets, wait_for_applications_running=True)
+    progress(f"model deployments running after {time.perf_counter() - t0:.0f} s; deploying the dispatcher ...")
+    serve.run(dispatcher_app(see, scfg, storage_uri), name=scfg.app_name, route_prefix="/")
+    info = serve.get_app_handle(scfg.app_name).refresh.remote().result()
+    progress(f"serving at {url_of(scfg)} ({time.perf_counter() - t0:.0f} s); sequence "
+             f"{[e['name'] for e in info['sequence']]}")
+    return info
+
+
+def dispatcher_handle(scfg: ServeConfig | None = None, app_name: str | None = None):
+    return serve.get_app_handle(app_name or (scfg.app_name if scfg else ServeConfig().app_name))
+
+
+def add_expert_live(name: str, app_name: str = "see", timeout_s: float = 300.0) -> dict:
+    """Deploy a registered expert as its own application and put it into the running dispatcher's sequence.
+
+    Uses the configs the dispatcher serves with (so the replica matches the others) and the dispatcher's
+    registry. Nothing running is redeployed: the new application starts, and once it has a running replica
+    the dispatcher is told to refresh. Returns the dispatcher's new sequence info.
+    """
+    from .registry import Registry
+
+    d = dispatcher_handle(app_name=app_name)
+    conf = d.configs.remote().result(timeout_s=60)
+    see, scfg, storage = SEEConfig.model_validate(conf["see"]), ServeConfig.model_validate(conf["serve"]), conf["storage"]
+    rec = Registry(storage).get(name)
+    serve.run(expert_app(rec, see, scfg, storage), name=scfg.expert_app(name), route_prefix=None)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = d.refresh.remote().result(timeout_s=60)
+        if any(e["name"] == name for e in info["sequence"]) or time.monotonic() > deadline:
+            return info
+        time.sleep(0.5)
+
+
+def remove_expert_live(name: str, app_name: str = "see", drain_timeout_s: float = 60.0) -> dict:
+    """Take an expert out of the sequence first, then tear down its deployment.
+
+    Call after the registry marked it disabled/removed: the dispatcher refreshes (it drops the expert from
+    new walks), waits until every dispatcher replica has polled and the expert's in-flight asks finished,
+    and only then deletes the expert's application.
+    """
+    d = dispatcher_handle(app_name=app_name)
+    conf = d.configs.remote().result(timeout_s=60)
+    scfg = ServeConfig.model_validate(conf["serve"])
+    info = d.refresh.remote().result(timeout_s=60)
+    if any(e["name"] == name for e in info["sequence"]):
+        raise RuntimeError(f"expert {name!r} is still active in the registry; disable or remove it there first")
+    time.sleep(scfg.dispatch.registry_poll_s * 1.5)  # other dispatcher replicas poll on their own
+    deadline = time.monotonic() + drain_timeout_s
+    while d.inflight_of.remote(name).result(timeout_s=30) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    app = scfg.expert_app(name)
+    if app in serve.status().applications:
+        serve.delete(app)
+    return d.refresh.remote().result(timeout_s=60)
+
+
+def serving_app_running(app_name: str = "see") -> bool:
+    try:
+        return app_name in serve.status().applications
+    except Exception:
+        return False

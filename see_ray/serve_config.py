@@ -1,0 +1,184 @@
+"""Configuration of the serving side (Ray Serve): one typed, documented object, like config.py's sections.
+
+    ServeConfig.from_yaml("serve.yaml", ["dispatch.mode=concurrent", "expert.autoscaling.max_replicas=4"])
+
+Defaults fit the local machine (2 CPU cores, no GPU): small CPU fractions per replica so that experts, the
+base, the dispatcher and a training job fit side by side (STACK-NOTES gotcha 2), one torch thread per
+replica (gotcha 4), and HTTP on 127.0.0.1 only. On a GPU cluster set ``expert.num_gpus=1`` (and the same for
+``base``); ``threads`` then matters little.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .config import ConfigError, _describe
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoscalingSettings(_Cfg):
+    """Mapped onto Serve's ``autoscaling_config`` (request-based autoscaler)."""
+
+    min_replicas: int = Field(1, ge=1, description="Replicas kept at all times (>= 1: no cold starts).")
+    max_replicas: int = Field(2, ge=1, description="Upper bound the autoscaler may scale a busy deployment to.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Requests in flight (running + queued) per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(3.0, ge=0, description="How long load must stay high before scaling up.")
+    downscale_delay_s: float = Field(15.0, ge=0, description="How long load must stay low before scaling down.")
+    look_back_period_s: float = Field(
+        5.0, gt=0, description="Window over which ongoing requests are averaged."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> "AutoscalingSettings":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+    def serve_dict(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "initial_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+        }
+
+
+class ReplicaSettings(_Cfg):
+    """Resources and scaling of one kind of model replica (an expert, or the base)."""
+
+    num_cpus: float = Field(
+        0.25, ge=0, description="CPUs each replica reserves in Ray (a fraction locally; scheduling only)."
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (1 on GPU clusters).")
+    threads: int = Field(
+        1, ge=1, description="torch intra-op threads (and OMP_NUM_THREADS) inside each replica. Keep the sum "
+        "over replicas near the core count: oversubscription made forward passes 150x slower here."
+    )
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Replica autoscaling.")
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="Requests one replica accepts at once (>= batch.max_batch_size to fill a batch)."
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests queued per caller before Serve refuses (-> HTTP 503). -1: unbounded."
+    )
+
+    def actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}},
+        }
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
+        return opts
+
+
+class BatchSettings(_Cfg):
+    """``@serve.batch`` inside every model replica (decide and generate are both batched)."""
+
+    enabled: bool = Field(True, description="Batch concurrent requests (False: max_batch_size 1, benchmark baseline).")
+    max_batch_size: int = Field(8, ge=1, description="Most requests run in one forward pass / generate call.")
+    wait_s: float = Field(
+        0.005, ge=0, description="How long a replica waits for a batch to fill after the first request arrives."
+    )
+
+    @property
+    def size(self) -> int:
+        return self.max_batch_size if self.enabled else 1
+
+
+class DispatchSettings(_Cfg):
+    """How the dispatcher walks the expert sequence."""
+
+    mode: Literal["sequential", "concurrent"] = Field(
+        "sequential",
+        description="sequential: ask expert 1, then 2, ... until one accepts (the plain SEE walk). concurrent: ask "
+        "the next `width` experts at once and take the first ACCEPT in sequence order. Both give the same answers "
+        "and traces; concurrent trades compute for latency when the owning expert is far down the sequence.",
+    )
+    width: int = Field(4, ge=1, description="Experts asked at once in concurrent mode (k).")
+    registry_poll_s: float = Field(
+        2.0, gt=0, description="How often the dispatcher re-reads the registry and Serve's status to follow "
+        "added, disabled and removed experts (jobs also tell it directly)."
+    )
+
+
+class LimitSettings(_Cfg):
+    """Request limits enforced by the HTTP API (violations are 4xx, never 500)."""
+
+    max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens when a request gives none (None: routing.max_new_tokens)."
+    )
+    max_prompt_chars: int = Field(16_000, ge=1, description="Longest prompt (or sum of chat messages) in characters.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest HTTP request body (-> 413 above it).")
+    max_messages: int = Field(64, ge=1, description="Most chat messages in one request.")
+
+
+class ServeConfig(_Cfg):
+    """Everything the serving side needs; the SEE model/routing settings stay in SEEConfig."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy (127.0.0.1: this machine only).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
+    app_name: str = Field("see", description="Serve application of the dispatcher (HTTP ingress at route '/').")
+    model_name: str = Field("see", description="The `model` name clients use for SEE routing (OpenAI API).")
+    expert_app_prefix: str = Field(
+        "see-expert-", description="Each expert is its own Serve application named prefix + expert name (its one "
+        "deployment carries the expert's name), so adding one never touches running replicas."
+    )
+    base_app: str = Field("see-base", description="Serve application of the base model (fallback).")
+    storage: str | None = Field(None, description="Registry storage root (None: $SEE_RAY_STORAGE or the default).")
+    expert: ReplicaSettings = Field(default_factory=ReplicaSettings, description="Every expert deployment.")
+    base: ReplicaSettings = Field(default_factory=ReplicaSettings, description="The base-model deployment.")
+    dispatcher_num_cpus: float = Field(0.1, ge=0, description="CPUs the (lightweight) dispatcher reserves.")
+    dispatcher_replicas: int = Field(1, ge=1, description="Dispatcher replicas (it holds no model).")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching inside model replicas.")
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings, description="Sequential walk.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with 503 responses.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may take inside the dispatcher.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "ServeConfig":
+        """YAML file (optional; a top-level ``serve:`` section is accepted too) plus ``a.b=value`` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                loaded = yaml.safe_load(Path(path).read_text()) or {}
+            except FileNotFoundError:
+                raise ConfigError(f"config file not found: {path}") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: top level must be a mapping")
+            data = dict(loaded.get("serve", loaded))
+        for item in overrides or []:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r}: expected field.subfield=value")
+            key = key.strip().removeprefix("serve.")
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {p} is not a section")
+            node[leaf] = yaml.safe_load(raw)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{path or 'serve overrides'}: invalid serve configuration:\n{_describe(e)}") from None
+
+    def expert_app(self, name: str) -> str:
+        return self.expert_app_prefix + name

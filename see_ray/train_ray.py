@@ -1,0 +1,364 @@
+"""Training one expert on Ray Train with DeepSpeed: the core's loop, launched by a ``TorchTrainer``.
+
+``trainer.train_loop_per_worker`` is the one training loop of the project; here it runs on N Ray workers:
+- the reconstructed training set travels as a Ray Dataset (``ray.data.from_items``) that Ray Train splits
+  into one shard per worker (``DataConfig`` default: streaming split), so no worker receives the whole set;
+- DeepSpeed (ZeRO-2 by default) does the data-parallel part: the DeepSpeed config is a file the user can
+  swap (``ray_train.deepspeed``: a shipped name or a path), so ZeRO-3 and CPU offload are config-only
+  changes. It is read on the driver and handed to the workers as a dict, so worker nodes need no copy;
+- gloo on CPU, nccl (and DeepSpeed bf16) on GPU;
+- rank 0 reports the finished adapter (PEFT folder, safetensors, + see_meta.json) with
+  ``ray.train.report(checkpoint=...)`` into ``RunConfig(storage_path=...)``; a controller-side callback
+  prints the loss and tokens/s that the workers report every ``training.log_every`` steps, which is where
+  they show up in a job's logs.
+
+What the STACK-NOTES gotchas require, and where it is done:
+- resources missing (Serve holding the CPUs) must fail fast, not retry forever: ``FailureConfig(
+  max_failures=0, controller_failure_limit=0)`` plus ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (Ray Train
+  propagates that variable from the driver to its controller);
+- one torch thread per worker by default and ``OMP_NUM_THREADS`` in the workers' runtime env (two processes
+  with default thread pools on two cores were 150x slower);
+- DeepSpeed compiles ops on first use: the loop uses torch's Adam on CPU, and ``torch_extensions_dir``
+  points the JIT cache at a persistent folder where runs repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .config import ConfigError, SEEConfig
+from .rehearsal import Example
+from .storage import Storage, default_storage_uri
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SHIPPED_DEEPSPEED = {
+    "zero2": CONFIG_DIR / "deepspeed_zero2.json",
+    "zero3": CONFIG_DIR / "deepspeed_zero3.json",
+    "zero3_offload": CONFIG_DIR / "deepspeed_zero3_offload.json",
+}
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class RayTrainConfig(BaseModel):
+    """How one expert's training runs on the cluster (the ``ray_train`` section of a job's YAML)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, nccl backend and DeepSpeed bf16.")
+    cpus_per_worker: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs each worker reserves. Small by default so that training fits next to Serve replicas "
+        "(STACK-NOTES gotcha 2); the worker's torch threads are set separately (threads_per_worker).",
+    )
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each worker reserves when use_gpu.")
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Explicit Ray resources per worker (overrides cpus/gpus_per_worker), e.g. {CPU: 2, GPU: 1}."
+    )
+    threads_per_worker: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads and OMP_NUM_THREADS per worker. None: model.num_threads if set, "
+        "else max(1, floor(cpus_per_worker)).",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement of the workers' bundles across nodes."
+    )
+    deepspeed: str | None = Field(
+        "zero2",
+        description="DeepSpeed config: a shipped name (zero2, zero3, zero3_offload), a JSON/YAML file path, or "
+        "None to use training.deepspeed as is (None there too: plain AdamW, 1 worker only).",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU.")
+    storage_path: str | None = Field(
+        None,
+        description="RunConfig(storage_path): where Ray Train writes checkpoints and run state. None: "
+        "'<registry storage>/runs'. Any URI Ray supports (s3://, gs://, an NFS path); must be shared by all nodes.",
+    )
+    start_timeout_s: float = Field(
+        30.0, gt=0, description="Fail (instead of waiting forever) if the workers cannot be placed in this time."
+    )
+    torch_extensions_dir: str | None = Field(
+        None, description="TORCH_EXTENSIONS_DIR for the workers (DeepSpeed's JIT op cache); None: torch's default."
+    )
+    keep_checkpoints: int = Field(1, ge=1, description="CheckpointConfig(num_to_keep).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RayTrainConfig":
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("ray_train.backend=nccl needs use_gpu=true")
+        return self
+
+    # -- derived ---------------------------------------------------------------------------------------
+    def worker_resources(self) -> dict[str, float]:
+        if self.resources_per_worker is not None:
+            return dict(self.resources_per_worker)
+        res = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+    def threads(self, see: SEEConfig) -> int:
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        if see.model.num_threads is not None:
+            return see.model.num_threads
+        return max(1, math.floor(self.worker_resources().get("CPU", 1)))
+
+    def torch_backend(self) -> str:
+        return ("nccl" if self.use_gpu else "gloo") if self.backend == "auto" else self.backend
+
+    def deepspeed_dict(self, see: SEEConfig) -> dict[str, Any] | None:
+        """The DeepSpeed config as a dict (read here, on the driver), or None for plain AdamW."""
+        src: Any = self.deepspeed if self.deepspeed is not None else see.training.deepspeed
+        if src is None or isinstance(src, dict):
+            return src
+        path = SHIPPED_DEEPSPEED.get(src, Path(src).expanduser())
+        try:
+            text = Path(path).read_text()
+            # JSON files through json: YAML 1.1 reads JSON's 1e-8 as a string.
+            data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"ray_train.deepspeed: {path}: not valid JSON/YAML ({e})") from None
+        except FileNotFoundError:
+            raise ConfigError(
+                f"ray_train.deepspeed: {src!r} is neither a shipped config ({', '.join(SHIPPED_DEEPSPEED)}) "
+                "nor an existing file"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"ray_train.deepspeed: {path} must hold a mapping")
+        return data
+
+
+def load_job_configs(path: str | None, overrides: list[str] | None) -> tuple[SEEConfig, RayTrainConfig]:
+    """SEEConfig plus the ``ray_train`` section, from one YAML file and ``section.field=value`` overrides.
+
+    The ``ray_train`` section (and overrides starting with ``ray_train.``) go to RayTrainConfig, everything
+    else to SEEConfig exactly as ``SEEConfig.from_yaml`` would take it.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = dict(loaded or {})
+    ray_data = data.pop("ray_train", None) or {}
+    if not isinstance(ray_data, dict):
+        raise ConfigError(f"{path}: ray_train must be a mapping")
+    see_overrides: list[str] = []
+    # The file's SEE sections become overrides, so that from_yaml does the validation and error wording.
+    for section, body in data.items():
+        if isinstance(body, dict):
+            see_overrides += [f"{section}.{k}={json.dumps(v)}" for k, v in body.items()]
+        else:
+            see_overrides.append(f"{section}={json.dumps(body)}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if key.strip().startswith("ray_train."):
+            if not sep:
+                raise ConfigError(f"override {item!r}: expected section.field=value")
+            ray_data[key.strip()[len("ray_train.") :]] = yaml.safe_load(raw)
+        else:
+            see_overrides.append(item)
+    try:
+        see = SEEConfig.from_yaml(None, see_overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'overrides'}: {e}") from None
+    try:
+        rt = RayTrainConfig.model_validate(ray_data)
+    except ValueError as e:
+        raise ConfigError(f"{path or 'overrides'}: invalid ray_train section: {e}") from None
+    return see, rt
+
+
+# -- Ray plumbing ---------------------------------------------------------------------------------------
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster (inside ``ray job submit`` RAY_ADDRESS is set) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    # A local instance for development. Token auth would otherwise switch itself on and write
+    # ~/.ray/auth_token, which then breaks `ray job submit` against clusters started without it
+    # (STACK-NOTES gotcha 1): the project runs its local clusters with RAY_AUTH_MODE=disabled.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=num_cpus)
+
+
+def _metrics_printer_cls():
+    from ray.train import UserCallback
+
+    class MetricsPrinter(UserCallback):
+        """Prints what rank 0 reports; runs on the Train controller, whose stdout reaches the job's logs."""
+
+        def __init__(self, label: str, steps: int):
+            self.label, self.steps = label, steps
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0] if metrics else {}
+            if "loss" in m:
+                line = (
+                    f"[train {self.label}] step {m.get('step')}/{self.steps} loss {m['loss']:.4f} "
+                    f"tokens/s {m.get('tokens_per_s', 0):.0f}"
+                )
+            elif "final_loss" in m:
+                line = (
+                    f"[train {self.label}] done: {m.get('steps')} steps in {m.get('train_s', 0):.1f} s, "
+                    f"final loss {m['final_loss']:.4f}, tokens/s {m.get('tokens_per_s', 0):.0f}"
+                )
+            else:
+                return
+            print(line, flush=True)
+
+    return MetricsPrinter
+
+
+@dataclass
+class TrainOutcome:
+    """What a Ray training run produced."""
+
+    adapter_dir: Path  # local copy of the reported adapter folder (PEFT format + see_meta.json)
+    metrics: dict[str, Any]  # rank 0's final report (train_s, tokens_per_s, final_loss, ...)
+    checkpoint_uri: str  # where Ray Train persisted it (under RunConfig.storage_path)
+    run_name: str
+    fit_s: float  # wall time of trainer.fit(), start-up included
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_on_ray(
+    examples: list[Example],
+    see: SEEConfig,
+    rt: RayTrainConfig,
+    *,
+    name: str,
+    meta: dict[str, Any] | None = None,
+    storage: Storage | str | None = None,
+    output_dir: str | Path | None = None,
+    model_path: str | None = None,
+) -> TrainOutcome:
+    """Train one adapter on Ray Train (+ DeepSpeed); Ray must be initialized (see ``ensure_ray``).
+
+    ``model_path``: the base checkpoint folder as the workers should open it. None lets every worker resolve
+    ``model.name_or_path`` on its own node (the default SmolLM2 is converted once per node), which is what a
+    multi-node cluster needs.
+    """
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .trainer import train_loop_per_worker
+
+    if not examples:
+        raise ValueError("no training examples")
+    ds_config = rt.deepspeed_dict(see)
+    if ds_config is None and rt.num_workers > 1:
+        raise ConfigError("training on more than one worker needs DeepSpeed (ray_train.deepspeed) for gradient sync")
+    threads = rt.threads(see)
+    see = see.model_copy(deep=True)
+    see.model.num_threads = threads
+    see.training.deepspeed = ds_config
+    see.training.progress = False
+
+    storage = storage if isinstance(storage, Storage) else Storage(storage or default_storage_uri())
+    storage_path = rt.storage_path or storage.uri_of("runs")
+    run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+    # One row per example, serialized: a plain string column keeps the Dataset schema trivial.
+    rows = [{"example": json.dumps(e.to_dict(), ensure_ascii=False)} for e in examples]
+    dataset = ray.data.from_items(rows)
+
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if rt.torch_extensions_dir:
+        env["TORCH_EXTENSIONS_DIR"] = str(Path(rt.torch_extensions_dir).expanduser())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "see": see.model_dump(mode="json"),
+            "model_path": model_path,
+            "meta": {"name": name, **(meta or {})},
+            "ray": True,
+        },
+        torch_config=TorchConfig(backend=rt.torch_backend()),
+        scaling_config=ScalingConfig(
+            num_workers=rt.num_workers,
+            use_gpu=rt.use_gpu,
+            resources_per_worker=rt.worker_resources(),
+            placement_strategy=rt.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
+            callbacks=[_metrics_printer_cls()(name, see.training.steps)],
+            worker_runtime_env={"env_vars": env},
+        ),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    previous = os.environ.get(START_TIMEOUT_ENV)
+    os.environ[START_TIMEOUT_ENV] = str(rt.start_timeout_s)  # read by the controller (propagated from here)
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        if previous is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = previous
+    fit_s = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without reporting an adapter checkpoint")
+    out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix=f"see-{name}-"))
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    result.checkpoint.to_directory(str(out))
+    history = []
+    if result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict("records")
+    return TrainOutcome(
+        adapter_dir=out,
+        metrics=dict(result.metrics or {}),
+        checkpoint_uri=_checkpoint_uri(result.checkpoint),
+        run_name=run_name,
+        fit_s=fit_s,
+        history=history,
+    )
+
+
+def _checkpoint_uri(ckpt) -> str:
+    import pyarrow.fs as pafs
+
+    fs = ckpt.filesystem
+    if isinstance(fs, pafs.LocalFileSystem):
+        return ckpt.path
+    return f"{fs.type_name}://{ckpt.path}"

@@ -1,0 +1,186 @@
+"""SEEConfig: defaults, YAML loading, ``--set`` overrides and validation errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from see_ray.config import (
+    DEFAULT_MODEL,
+    ConfigError,
+    RehearsalConfig,
+    RoutingConfig,
+    SEEConfig,
+)
+
+
+# -- defaults ------------------------------------------------------------------------------------------
+def test_defaults_are_valid_and_match_the_spec():
+    cfg = SEEConfig()
+    assert cfg.model.name_or_path == DEFAULT_MODEL
+    assert cfg.routing.order == "newest_first"  # SEE.md decision
+    assert cfg.routing.threshold is None
+    assert cfg.routing.default_threshold == 0.5
+    assert cfg.indicators.accept == " accept" and cfg.indicators.reject == " reject"
+    assert cfg.rehearsal.per_task_fraction == 0.02
+    # defaults survive a round trip through YAML
+    again = SEEConfig.model_validate(__import__("yaml").safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_from_yaml_without_file_gives_defaults():
+    assert SEEConfig.from_yaml(None) == SEEConfig()
+
+
+# -- YAML loading ----------------------------------------------------------------------------------------
+def test_load_yaml_file(tmp_path):
+    p = tmp_path / "see.yaml"
+    p.write_text(
+        "training:\n  steps: 7\n  lr: 0.0005\nrouting:\n  order: oldest_first\n  threshold: 0.7\n"
+        "lora:\n  target_modules: [q_proj, v_proj]\n"
+    )
+    cfg = SEEConfig.from_yaml(p)
+    assert cfg.training.steps == 7
+    assert cfg.training.lr == 0.0005
+    assert cfg.routing.order == "oldest_first"
+    assert cfg.routing.threshold == 0.7
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.training.batch_size == 8  # untouched fields keep their defaults
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    assert SEEConfig.from_yaml(p) == SEEConfig()
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path):
+    p = tmp_path / "see.yaml"
+    p.write_text("training:\n  steps: 7\n  batch_size: 4\n")
+    cfg = SEEConfig.from_yaml(p, ["training.steps=5", "routing.order=oldest_first", "model.dtype=bfloat16"])
+    assert cfg.training.steps == 5  # override wins over the file
+    assert cfg.training.batch_size == 4  # the file's other values stay
+    assert cfg.routing.order == "oldest_first"
+    assert cfg.model.dtype == "bfloat16"
+
+
+def test_override_values_are_parsed_as_yaml():
+    cfg = SEEConfig.from_yaml(
+        None,
+        [
+            "training.bf16_autocast=false",
+            "routing.calibration_bounds=[0.6, 0.9]",
+            "rehearsal.per_task_max=null",
+            "training.deepspeed={zero_optimization: {stage: 1}}",
+        ],
+    )
+    assert cfg.training.bf16_autocast is False
+    assert cfg.routing.calibration_bounds == (0.6, 0.9)
+    assert cfg.rehearsal.per_task_max is None
+    assert cfg.training.deepspeed == {"zero_optimization": {"stage": 1}}
+
+
+# -- errors --------------------------------------------------------------------------------------------
+def test_unknown_field_in_override_names_the_field():
+    with pytest.raises(ConfigError) as ei:
+        SEEConfig.from_yaml(None, ["training.stepz=5"])
+    assert "training.stepz" in str(ei.value)
+
+
+def test_unknown_section_in_yaml_names_file_and_field(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("trainig:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as ei:
+        SEEConfig.from_yaml(p)
+    msg = str(ei.value)
+    assert "trainig" in msg and str(p) in msg
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("routing.threshold=1.5", "routing.threshold"),
+        ("routing.threshold=0", "routing.threshold"),
+        ("training.steps=0", "training.steps"),
+        ("routing.order=random", "routing.order"),
+        ("model.dtype=int8", "model.dtype"),
+        ("rehearsal.input_only_share=2", "rehearsal.input_only_share"),
+        ("training.lr=-1", "training.lr"),
+        ("model.max_prompt_tokens=3", "model.max_prompt_tokens"),
+    ],
+)
+def test_bad_values_are_config_errors_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as ei:
+        SEEConfig.from_yaml(None, [override])
+    assert field in str(ei.value)
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        SEEConfig.from_yaml(None, ["training.steps"])
+    with pytest.raises(ConfigError):
+        SEEConfig.from_yaml(None, ["=5"])
+
+
+def test_override_through_a_scalar_is_rejected():
+    with pytest.raises(ConfigError, match="not a section"):
+        SEEConfig.from_yaml(None, ["training.steps=5", "training.steps.x=1"])
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as ei:
+        SEEConfig.from_yaml(missing)
+    assert str(missing) in str(ei.value) and "not found" in str(ei.value)
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        SEEConfig.from_yaml(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        SEEConfig.from_yaml(lst)
+
+
+def test_identical_indicators_are_rejected():
+    with pytest.raises(ConfigError, match="differ"):
+        SEEConfig.from_yaml(None, ["indicators.accept=' yes'", "indicators.reject=' yes'"])
+
+
+def test_assignment_is_validated():
+    cfg = SEEConfig()
+    with pytest.raises(ValueError):
+        cfg.training.steps = -3
+
+
+# -- calibration bounds -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bounds", [(0.0, 0.9), (0.9, 0.5), (0.5, 1.0), (-0.1, 0.5)])
+def test_calibration_bounds_must_be_ordered_inside_0_1(bounds):
+    with pytest.raises(ValueError, match="calibration_bounds"):
+        RoutingConfig(calibration_bounds=bounds)
+    with pytest.raises(ConfigError, match="calibration_bounds"):
+        SEEConfig.from_yaml(None, [f"routing.calibration_bounds=[{bounds[0]}, {bounds[1]}]"])
+
+
+@pytest.mark.parametrize("bounds", [(0.5, 0.95), (0.7, 0.7), (0.01, 0.99)])
+def test_valid_calibration_bounds(bounds):
+    assert RoutingConfig(calibration_bounds=bounds).calibration_bounds == bounds
+
+
+# -- rehearsal keep count ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw, n_train, expected",
+    [
+        ({}, 1000, 32),  # 2% of 1000 = 20 < min 32
+        ({}, 5000, 100),  # 2% of 5000 = 100
+        ({}, 10, 10),  # never more than the task has
+        ({"per_task_max": 50}, 5000, 50),  # capped
+        ({"per_task_min": 0, "per_task_fraction": 0.1}, 55, 6),  # round(5.5) = 6 (banker's: 6)
+        ({"per_task_min": 0, "per_task_fraction": 0.0}, 1000, 0),
+        ({"per_task_min": 4, "per_task_max": 2}, 100, 2),  # max wins over min
+    ],
+)
+def test_keep_count(kw, n_train, expected):
+    assert RehearsalConfig(**kw).keep_count(n_train) == expected
