@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/superni-cl}"
 OUT="${2:-see-ray-output/quality}"
-see-ray -v bench quality --data "$DATA" --tasks 5 --train-per-task 100 --dev-per-task 20 --test-per-task 30 \
-  --pool-per-task 16 --config benchmarks/quality.yaml --out "$OUT"
+see-ray -v bench quality --data "$DATA" --tasks 5 --train-per-task 64 --dev-per-task 10 --test-per-task 20 \
+  --pool-per-task 12 --config benchmarks/quality.yaml --out "$OUT"

@@ -17,8 +17,8 @@ Steps (each timed and printed in the summary):
    negatives of every task in the sequence + general-pool negatives);
 3. train on Ray Train + DeepSpeed (train_ray.py);
 4. validate the new expert on held-out data: accept rate on its own dev queries, reject rate on the other
-   tasks' rehearsal queries (both with and without the task definition), at the threshold calibrated on its
-   own dev queries; below ``--min-accept`` / ``--min-reject`` nothing is registered and the job exits 1;
+   tasks' rehearsal queries, in the prompt forms it was trained on (with the task definition and/or input-only,
+   per ``rehearsal.input_only_share``), at the threshold calibrated on its own dev queries; below ``--min-accept`` / ``--min-reject`` nothing is registered and the job exits 1;
 5. register it with its rehearsal samples (registry.py: files first, then an atomic swap of the document,
    under the registry lock). If another job registered an expert while this one trained, the new expert was
    not trained to reject that task: it is checked against that task's rehearsal queries under the lock and
@@ -239,19 +239,21 @@ def build_training_set(inp: Inputs, doc: RegistryDoc):
 
 
 # -- step 4: validation ---------------------------------------------------------------------------------
-def both_modes(queries: list[Query]) -> list[Query]:
-    """Each query as written and input-only: clients usually send the raw query (SEE.md caveat)."""
+def prompt_forms(queries: list[Query], input_only_share: float) -> list[Query]:
+    """The queries in the prompt forms the expert was trained on (``rehearsal.input_only_share``): with the
+    task definition, input-only (what clients usually send, SEE.md caveat), or both when training mixed them."""
     out = []
     for q in queries:
-        out.append(q)
-        if q.definition:
+        if input_only_share < 1.0 or not q.definition:
+            out.append(q)
+        if input_only_share > 0.0 and q.definition:
             out.append(Query(q.input, None))
     return out
 
 
-def other_task_queries(buffer: RehearsalBuffer, tasks: list[str] | None = None) -> dict[str, list[Query]]:
+def other_task_queries(buffer: RehearsalBuffer, share: float, tasks: list[str] | None = None) -> dict[str, list[Query]]:
     return {
-        t: both_modes([Query(s["input"], s.get("definition")) for s in samples])
+        t: prompt_forms([Query(s["input"], s.get("definition")) for s in samples], share)
         for t, samples in buffer.samples.items()
         if tasks is None or t in tasks
     }
@@ -271,16 +273,16 @@ def validate_expert(model, inp: Inputs, buffer: RehearsalBuffer) -> dict:
     from see_ray.router import calibrate_threshold
 
     name = inp.task.name
-    own = both_modes([inp.task.query(x) for x in inp.task.dev])
+    share = inp.see.rehearsal.input_only_share
+    own = prompt_forms([inp.task.query(x) for x in inp.task.dev], share)
     p_own = model.decide(own, name)
     calibrated = calibrate_threshold(p_own, inp.see.routing)
     thr = inp.see.routing.threshold if inp.see.routing.threshold is not None else calibrated
-    per_task = reject_rates(model, name, other_task_queries(buffer), thr)
-    n_other = sum(len(q) for q in other_task_queries(buffer).values())
-    reject = (
-        sum(r * len(other_task_queries(buffer)[t]) for t, r in per_task.items()) / n_other if n_other else None
-    )
-    general = reject_rates(model, name, {"general": both_modes(inp.pool)}, thr).get("general")
+    others = other_task_queries(buffer, share)
+    per_task = reject_rates(model, name, others, thr)
+    n_other = sum(len(q) for q in others.values())
+    reject = sum(r * len(others[t]) for t, r in per_task.items()) / n_other if n_other else None
+    general = reject_rates(model, name, {"general": prompt_forms(inp.pool, share)}, thr).get("general")
     accept = sum(p >= thr for p in p_own) / len(p_own)
     return {
         "threshold": thr,
@@ -318,20 +320,34 @@ def serving_running() -> bool:
 
 
 def deploy_live(record: ExpertRecord, registry: Registry, see: SEEConfig) -> dict:
-    """Step 6 hook: deploy the newly registered expert into the running serving application.
+    """Step 6: deploy the newly registered expert into the running serving application.
 
-    The Serve issue supplies the deployment itself (one application per expert, found by name by the
-    dispatcher: STACK-NOTES gotcha 5). Until then this only reports whether serving is running.
-    Returns {"deployed": bool, "serving": bool, "message": str}.
+    The expert becomes its own Serve application (nothing running is redeployed: STACK-NOTES gotcha 5), with
+    the configuration the dispatcher serves with; once it has a running replica the dispatcher is told to
+    refresh and puts it into its sequence (see_ray.serve.add_expert_live). The SEE application's name is
+    ``$SEE_RAY_SERVE_APP`` (default ``see``). Returns {"deployed": bool, "serving": bool, "message": str, ...}.
     """
     if not serving_running():
         return {"deployed": False, "serving": False, "message": "serving is not running; expert registered only"}
-    return {
-        "deployed": False,
-        "serving": True,
-        "message": "serving is running, but live deployment is not implemented yet (Serve issue); "
-        "the expert is registered and will be served after the next deploy",
-    }
+    from see_ray.serve import add_expert_live, dispatcher_configs
+
+    app = os.environ.get("SEE_RAY_SERVE_APP", "see")
+    conf = dispatcher_configs(app)
+    if conf is None:
+        return {"deployed": False, "serving": True,
+                "message": f"Serve is running but has no SEE application {app!r}; expert registered only"}
+    if Storage(conf["storage"]).uri != registry.storage.uri:
+        return {"deployed": False, "serving": True,
+                "message": f"the running SEE application serves the registry {conf['storage']}, not "
+                f"{registry.storage.uri}; expert registered only"}
+    info = add_expert_live(record.name, app)
+    seq = [e["name"] for e in info["sequence"]]
+    apps = [e["app"] for e in info["sequence"] if e["name"] == record.name]
+    if not apps:
+        return {"deployed": False, "serving": True, "sequence": seq,
+                "message": f"deployed, but the dispatcher does not list it yet (sequence {seq})"}
+    return {"deployed": True, "serving": True, "sequence": seq,
+            "message": f"deployed as Serve application {apps[0]!r}; dispatcher sequence now {seq}"}
 
 
 # -- the job --------------------------------------------------------------------------------------------
@@ -426,9 +442,10 @@ def run(args: argparse.Namespace) -> int:
                 tasks = [e.task for e in newer]
                 extra = reject_rates(
                     model, task.name,
-                    other_task_queries(registry.rehearsal_buffer(current), tasks), v["threshold"],
+                    other_task_queries(registry.rehearsal_buffer(current), see.rehearsal.input_only_share, tasks),
+                    v["threshold"],
                 )
-                v["checked_at_commit"] = extra
+                new.validation["checked_at_commit"] = extra  # recorded with the expert
                 print(f"[add_expert] registered meanwhile: {tasks}; reject rates {extra}", flush=True)
                 if any(r < inp.bars.min_reject for r in extra.values()):
                     raise StaleTrainingSet(tasks)
@@ -490,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
         "version": record.version,
         "position": record.position,
         "adapter_uri": record.adapter_uri,
-        "validation": v,
+        "validation": record.validation,
         "training": outcome.metrics,
         "timings": timer.steps,
         "total_s": total,

@@ -210,21 +210,31 @@ class QualityBench:
         final = self._eval_single("mtl", len(self.tasks) - 1)
         return MethodResult(extra={"ap": sum(final) / len(final), "bwt": None, "fra": None, "final_scores": final})
 
-    def run(self, methods: tuple[str, ...] = METHODS) -> dict:
+    def run(self, methods: tuple[str, ...] = METHODS, on_method_done=None) -> dict:
+        """Run ``methods``; ``on_method_done(partial_results)`` is called after each (partial reports)."""
         out: dict[str, dict] = {}
-        raw: dict[str, MethodResult] = {}
-        if "SEE" in methods or "Oracle" in methods:
+        runs = (
+            ("SEE", self.run_see),
+            ("SeqFT", lambda: self.run_sequential(False)),
+            ("Replay", lambda: self.run_sequential(True)),
+            ("MTL", self.run_mtl),
+        )
+        for m, fn in runs:
+            if m not in methods and not (m == "SEE" and "Oracle" in methods):
+                continue
             t0 = time.perf_counter()
-            raw["SEE"], raw["Oracle"] = self.run_see()
-            self.timings["SEE"] = time.perf_counter() - t0
-        for m, fn in (("SeqFT", lambda: self.run_sequential(False)), ("Replay", lambda: self.run_sequential(True)), ("MTL", self.run_mtl)):
-            if m in methods:
-                t0 = time.perf_counter()
-                raw[m] = fn()
-                self.timings[m] = time.perf_counter() - t0
-        for m in methods:
-            out[m] = raw[m].summary()
-        return out
+            res = fn()
+            self.timings[m] = time.perf_counter() - t0
+            if m == "SEE":
+                see, oracle = res
+                for name, r in (("SEE", see), ("Oracle", oracle)):
+                    if name in methods:
+                        out[name] = r.summary()
+            else:
+                out[m] = res.summary()
+            if on_method_done is not None:
+                on_method_done(out)
+        return {m: out[m] for m in methods}
 
 
 def write_report(result: dict, out_dir: Path) -> None:

@@ -125,19 +125,23 @@ def cmd_bench_quality(args) -> int:
     out = Path(args.out)
     bench = QualityBench(seq, pool, ood, cfg, out)
     t0 = time.perf_counter()
-    res = bench.run(methods)
-    result = {
-        "command": "see-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "machine": machine_description(),
-        "tasks": [t.name for t in seq],
-        "general_pool_tasks": pool_names,
-        "ood_tasks": ood_names,
-        "subsample": sub,
-        "config": cfg.model_dump(mode="json"),
-        "methods": res,
-        "timings_s": {**bench.timings, "total": time.perf_counter() - t0},
-    }
-    write_report(result, out)
+
+    def report(res: dict, complete: bool = False) -> None:
+        result = {
+            "command": "see-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "machine": machine_description(),
+            "complete": complete,
+            "tasks": [t.name for t in seq],
+            "general_pool_tasks": pool_names,
+            "ood_tasks": ood_names,
+            "subsample": sub,
+            "config": cfg.model_dump(mode="json"),
+            "methods": res,
+            "timings_s": {**bench.timings, "total": time.perf_counter() - t0},
+        }
+        write_report(result, out)
+
+    report(bench.run(methods, on_method_done=report), complete=True)
     print((out / "quality.md").read_text())
     print(f"wrote {out}/quality.json, quality.md and plots/")
     return 0

@@ -361,7 +361,7 @@ class Registry:
         for e in doc.sequence():
             if e.task in exclude or not e.rehearsal_uri:
                 continue
-            samples[e.task] = json.loads(self.storage.read_text(self._rel(e.rehearsal_uri)))
+            samples[e.task] = json.loads(self.storage.read_text(self.rehearsal_rel(e)))
         return RehearsalBuffer(samples)
 
     def check_can_add(self, name: str, task: str, replace: bool, doc: RegistryDoc | None = None) -> ExpertRecord | None:
@@ -512,9 +512,9 @@ class Registry:
             rec = rec or gone[-1]
             self._event(doc, "purge" if purge else "remove", rec)
         for e in gone:  # after the swap
-            self.storage.delete_dir(self._rel(e.adapter_uri))
+            self.storage.delete_dir(self.adapter_rel(e))
             if e.rehearsal_uri:
-                self.storage.delete_file(self._rel(e.rehearsal_uri))
+                self.storage.delete_file(self.rehearsal_rel(e))
         if purge:
             with contextlib.suppress(OSError):
                 if not self.storage.list_dir(f"adapters/{name}"):
@@ -522,17 +522,22 @@ class Registry:
         return rec
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _rel(self, uri: str) -> str:
-        prefix = self.storage.uri + "/"
-        if not uri.startswith(prefix):
-            raise RegistryError(f"{uri} is not under the storage root {self.storage.uri}")
-        return uri[len(prefix) :]
+    # Files are found through the fixed layout relative to THIS registry's root, not through the absolute
+    # URIs recorded for humans: a registry copied or moved elsewhere, or an NFS share mounted at different
+    # paths on different nodes, still resolves its own files.
+    @staticmethod
+    def adapter_rel(rec: ExpertRecord) -> str:
+        return f"adapters/{rec.name}/v{rec.version}"
+
+    @staticmethod
+    def rehearsal_rel(rec: ExpertRecord) -> str:
+        return f"rehearsal/{rec.task}/{rec.name}.v{rec.version}.json"
 
     def adapter_path(self, rec: ExpertRecord, cache_dir: str | Path | None = None) -> Path:
         """A local folder with the record's adapter (downloaded from an object store if needed), hash-checked."""
         from .expert import ADAPTER_WEIGHTS, AdapterError
 
-        path = self.storage.materialize(rec.adapter_uri, cache_dir)
+        path = self.storage.local_dir(self.adapter_rel(rec), cache_dir)
         got = sha256_file(path / ADAPTER_WEIGHTS)
         if got != rec.adapter_sha256:
             raise AdapterError(f"{rec.adapter_uri}: adapter hash {got[:12]} does not match the registry's")

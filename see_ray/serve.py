@@ -294,7 +294,7 @@ class Dispatcher:
         self.m_fallbacks = Counter("see_fallbacks_total", "Requests answered by the base after all experts rejected.")
         self.m_answers = Counter("see_answers_total", "Requests answered, by who answered.", tag_keys=("expert",))
         self.m_errors = Counter("see_errors_total", "Error responses by HTTP status.", tag_keys=("status",))
-        self.m_hops = Histogram("see_hops", "Experts asked per request.", [0, 1, 2, 3, 4, 6, 8, 12, 16, 32])
+        self.m_hops = Histogram("see_hops", "Experts asked per request.", [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 32.5])
         self.m_hop_ms = Histogram("see_hop_ms", "Latency of one ask (decide, + generate on ACCEPT) seen by the "
                                   "dispatcher.", ms, tag_keys=("expert",))
         self.m_generate_ms = Histogram("see_base_generate_ms", "Latency of a base-model answer.", ms)
@@ -741,8 +741,8 @@ def remove_expert_live(name: str, app_name: str = "see", drain_timeout_s: float 
     return d.refresh.remote().result(timeout_s=60)
 
 
-def serving_app_running(app_name: str = "see") -> bool:
-    try:
-        return app_name in serve.status().applications
-    except Exception:
-        return False
+def dispatcher_configs(app_name: str = "see") -> dict | None:
+    """The configs of the running SEE application ``app_name``, or None if it is not running."""
+    if app_name not in serve.status().applications:
+        return None
+    return dispatcher_handle(app_name=app_name).configs.remote().result(timeout_s=60)

@@ -193,15 +193,16 @@ class Storage:
         pafs.copy_files(src, str(local_dir.resolve()), self.fs, pafs.LocalFileSystem())
         return local_dir
 
-    def materialize(self, uri: str, cache_dir: str | Path | None = None) -> Path:
-        """A local folder holding the adapter at ``uri`` (itself if it is local, else a downloaded copy)."""
-        fs, path = pafs.FileSystem.from_uri(uri) if is_uri(uri) else (pafs.LocalFileSystem(), uri)
-        if isinstance(fs, pafs.LocalFileSystem):
-            return Path(path)
+    def local_dir(self, rel: str, cache_dir: str | Path | None = None) -> Path:
+        """A local folder with the content of folder ``rel``: the folder itself on a local root, else a
+        downloaded copy (under ``cache_dir`` or a new temporary folder)."""
+        if self.is_local:
+            p = self.local_path(rel)
+            if not p.is_dir():
+                raise StorageError(f"{self.uri_of(rel)}: no such folder")
+            return p
         dest = Path(cache_dir or tempfile.mkdtemp(prefix="see-adapter-")) / uuid.uuid4().hex[:8]
-        dest.mkdir(parents=True)
-        pafs.copy_files(path, str(dest), fs, pafs.LocalFileSystem())
-        return dest
+        return self.download_dir(rel, dest)
 
 
 def _fsync_dir(path: Path) -> None:

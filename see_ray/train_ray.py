@@ -210,14 +210,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus)
 
 
+METRICS_FILE = "see_metrics.json"
+
+
 def _metrics_printer_cls():
     from ray.train import UserCallback
 
     class MetricsPrinter(UserCallback):
-        """Prints what rank 0 reports; runs on the Train controller, whose stdout reaches the job's logs."""
+        """Prints what rank 0 reports and keeps it: runs on the Train controller, whose stdout reaches the
+        job's logs. Ray Train V2 keeps only checkpointed metrics, so the full history is written next to the
+        run's checkpoints (``<storage_path>/<run>/see_metrics.json``) when the final report arrives."""
 
-        def __init__(self, label: str, steps: int):
+        def __init__(self, label: str, steps: int, storage_uri: str, run_name: str):
             self.label, self.steps = label, steps
+            self.storage_uri, self.run_name = storage_uri, run_name
+            self.history: list[dict] = []
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
@@ -234,6 +241,14 @@ def _metrics_printer_cls():
             else:
                 return
             print(line, flush=True)
+            self.history.append({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))})
+            if "final_loss" in m:
+                try:
+                    Storage(self.storage_uri).write_text_atomic(
+                        f"{self.run_name}/{METRICS_FILE}", json.dumps(self.history)
+                    )
+                except Exception as e:  # metrics are a convenience: never fail a run over them
+                    print(f"[train {self.label}] could not write {METRICS_FILE}: {e}", flush=True)
 
     return MetricsPrinter
 
@@ -247,7 +262,7 @@ class TrainOutcome:
     checkpoint_uri: str  # where Ray Train persisted it (under RunConfig.storage_path)
     run_name: str
     fit_s: float  # wall time of trainer.fit(), start-up included
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # every report of rank 0, in order
 
 
 def train_on_ray(
@@ -319,7 +334,7 @@ def train_on_ray(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
-            callbacks=[_metrics_printer_cls()(name, see.training.steps)],
+            callbacks=[_metrics_printer_cls()(name, see.training.steps, storage_path, run_name)],
             worker_runtime_env={"env_vars": env},
         ),
         datasets={"train": dataset},
@@ -342,9 +357,10 @@ def train_on_ray(
     if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     result.checkpoint.to_directory(str(out))
-    history = []
-    if result.metrics_dataframe is not None:
-        history = result.metrics_dataframe.to_dict("records")
+    try:
+        history = json.loads(Storage(storage_path).read_text(f"{run_name}/{METRICS_FILE}"))
+    except (OSError, ValueError):
+        history = []
     return TrainOutcome(
         adapter_dir=out,
         metrics=dict(result.metrics or {}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from see_ray.config import (
     DEFAULT_MODEL,
@@ -23,7 +24,7 @@ def test_defaults_are_valid_and_match_the_spec():
     assert cfg.indicators.accept == " accept" and cfg.indicators.reject == " reject"
     assert cfg.rehearsal.per_task_fraction == 0.02
     # defaults survive a round trip through YAML
-    again = SEEConfig.model_validate(__import__("yaml").safe_load(cfg.to_yaml()))
+    again = SEEConfig.model_validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
 
 

@@ -12,9 +12,16 @@ from see_ray.config import SEEConfig
 from see_ray.expert import AdapterError, ExpertRuntime, SEEModel, check_adapter_folder
 from see_ray.prompts import Query
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, torch_threads
 
 MAX_NEW = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread: on 2 shared cores it is several times faster than two (see conftest.torch_threads)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

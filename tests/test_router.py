@@ -13,11 +13,18 @@ from see_ray.metrics import ood_rejection_rate, routing_accuracy
 from see_ray.prompts import Query
 from see_ray.router import BASE, ExpertSpec, RouteResult, Router, calibrate_threshold, ordered
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, torch_threads
 
 E1 = ExpertSpec("expert1", "arithmetic", "/nowhere/1")
 E2 = ExpertSpec("expert2", "shout", "/nowhere/2", threshold=0.8)
 E3 = ExpertSpec("expert3", "antonyms", "/nowhere/3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread: on 2 shared cores it is several times faster than two (see conftest.torch_threads)."""
+    with torch_threads(1):
+        yield
 
 
 # -- order --------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import pytest
@@ -24,7 +23,7 @@ from see_ray.trainer import (
     write_adapter_atomically,
 )
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, torch_threads
 
 DEF = "Add the two numbers and answer with the sum only."
 EXAMPLES = [
@@ -33,6 +32,13 @@ EXAMPLES = [
     Example(Query("1 + 1", DEF), None, "2", "arithmetic"),
     Example(Query("a longer query with several words in it", "Some definition."), "accept", "A LONGER", "shout"),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread: on 2 shared cores it is several times faster than two (see conftest.torch_threads)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +213,6 @@ def single_process_env(monkeypatch):
     yield
     if not had_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    os.environ.pop("CROSS_RANK", None)
-    os.environ.pop("CROSS_SIZE", None)
 
 
 def test_train_adapter_with_deepspeed_zero2_in_process(tmp_path, tiny_model_path, two_tasks, pool, enc, single_process_env):

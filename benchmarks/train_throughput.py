@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Training throughput of one expert: in-process loop vs Ray Train + DeepSpeed (1 and 2 workers).
+
+    python benchmarks/train_throughput.py [--steps 16] [--out docs/results/train-throughput.json]
+
+The same expert (the real default model, SmolLM2-135M-Instruct; the demo ``arithmetic`` task reconstructed
+with the general pool as negatives; the same config, seed and global batch) is trained three times:
+  (a) ``inprocess``: ``trainer.train_adapter`` in this process, plain torch AdamW, ``--threads`` torch threads;
+  (b) ``ray_ds_1``: Ray Train, DeepSpeed ZeRO-2, 1 worker with the same thread count and CPU reservation;
+  (c) ``ray_ds_2``: Ray Train, DeepSpeed ZeRO-2, 2 workers, threads split between them (global batch kept).
+For each, ``wall_s`` is the training part (the loop: every optimizer step, as the loop times it) and
+``tokens_per_s`` the tokens trained per second of it; ``end_to_end_s`` adds model loading and, for Ray,
+worker-group start-up, data sharding and checkpoint reporting. (a) runs before Ray starts, so that the Ray
+processes do not share the cores with it.
+
+Writes the JSON (``{"inprocess": {"wall_s", "tokens_per_s", ...}, "ray_ds_1": {...}, "ray_ds_2": {...},
+"meta": {...}}``) and prints a Markdown table for docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import see_ray  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
+    ap.add_argument("--batch", type=int, default=8, help="global batch size")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in total (the machine has 2 cores)")
+    ap.add_argument("--set", action="append", default=[], help="extra SEE config overrides")
+    ap.add_argument("--out", default="docs/results/train-throughput.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from see_ray.config import SEEConfig
+    from see_ray.demo import arithmetic_task, general_pool
+    from see_ray.model import resolve_model_path
+    from see_ray.rehearsal import RehearsalBuffer, reconstruct
+    from see_ray.trainer import train_adapter, use_bf16
+    from see_ray.train_ray import RayTrainConfig, ensure_ray, train_on_ray
+
+    overrides = [
+        f"training.steps={args.steps}",
+        f"training.batch_size={args.batch}",
+        f"training.log_every={max(1, args.steps // 4)}",
+        "training.progress=false",
+        *args.set,
+    ]
+    cfg = SEEConfig.from_yaml(None, overrides)
+    model_path = resolve_model_path(cfg.model)
+    task = arithmetic_task()
+    examples = reconstruct(task, RehearsalBuffer.empty(), general_pool(), cfg.rehearsal)
+    bf16 = use_bf16(cfg.training, torch.device("cpu"))
+    print(f"model {cfg.model.name_or_path} ({model_path}); {len(examples)} examples; {args.steps} steps of batch "
+          f"{args.batch}; bf16 autocast {bf16}; load {load_avg()}", flush=True)
+    results: dict[str, dict] = {}
+    work = Path(tempfile.mkdtemp(prefix="see-bench-train-"))
+    try:
+        # (a) in-process, before any Ray process exists
+        torch.set_num_threads(args.threads)
+        a_cfg = cfg.model_copy(deep=True)
+        a_cfg.model.num_threads = args.threads
+        t0 = time.perf_counter()
+        r = train_adapter(examples, a_cfg, model_path, work / "inprocess", meta={"name": "bench"})
+        results["inprocess"] = {
+            "wall_s": r["train_s"], "tokens_per_s": r["tokens_per_s"], "end_to_end_s": time.perf_counter() - t0,
+            "tokens": r["tokens"], "final_loss": r["final_loss"], "workers": 1, "threads_per_worker": args.threads,
+            "deepspeed": False, "load_avg_after": load_avg(),
+        }
+        print("inprocess", json.dumps(results["inprocess"]), flush=True)
+        gc.collect()
+
+        ensure_ray(num_cpus=args.threads)
+        for key, workers in (("ray_ds_1", 1), ("ray_ds_2", 2)):
+            threads = max(1, args.threads // workers)
+            rt = RayTrainConfig(
+                num_workers=workers, deepspeed="zero2", cpus_per_worker=threads, threads_per_worker=threads,
+                start_timeout_s=120,
+            )
+            out = train_on_ray(
+                examples, cfg, rt, name=key, storage=str(work / "storage"), output_dir=work / key,
+                model_path=model_path,
+            )
+            m = out.metrics
+            results[key] = {
+                "wall_s": m["train_s"], "tokens_per_s": m["tokens_per_s"], "end_to_end_s": out.fit_s,
+                "tokens": m["tokens"], "final_loss": m["final_loss"], "workers": workers,
+                "threads_per_worker": threads, "deepspeed": "zero2", "load_avg_after": load_avg(),
+            }
+            print(key, json.dumps(results[key]), flush=True)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+    a, b, c = results["inprocess"], results["ray_ds_1"], results["ray_ds_2"]
+    results["meta"] = {
+        "model": cfg.model.name_or_path,
+        "steps": args.steps,
+        "global_batch": args.batch,
+        "examples": len(examples),
+        "bf16_autocast": bf16,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "ray_ds_1_over_inprocess_wall": b["wall_s"] / a["wall_s"],
+        "ray_ds_2_over_inprocess_wall": c["wall_s"] / a["wall_s"],
+        "target_ray_ds_1_over_inprocess_wall": 1.15,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}\n")
+    print("| run | workers x threads | training wall (s) | tokens/s | end to end (s) | vs in-process |")
+    print("|---|---|---|---|---|---|")
+    for key, label in (("inprocess", "(a) in-process loop"), ("ray_ds_1", "(b) Ray Train + DeepSpeed ZeRO-2"),
+                       ("ray_ds_2", "(c) Ray Train + DeepSpeed ZeRO-2")):
+        r = results[key]
+        print(f"| {label} | {r['workers']} x {r['threads_per_worker']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{r['end_to_end_s']:.1f} | {r['wall_s'] / a['wall_s']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
