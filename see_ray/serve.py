@@ -22,8 +22,7 @@ Model replicas batch concurrent requests with ``@serve.batch`` (``batch.max_batc
 and run the model in a worker thread under a lock, with ``torch.set_num_threads(threads)``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI (through serve.ingress) must see real types.
 import asyncio
 import json
 import logging
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
@@ -100,7 +100,8 @@ class _ModelReplica:
         out = []
         for q, a in zip(queries, answers):
             n_prompt = len(self.model.encoder.encode_query(q))
-            n_out = len(self.model.tokenizer.encode(a, add_special_tokens=False)) if a else 0
+            # re-tokenizing the decoded text can differ by a token from what was generated: cap it
+            n_out = min(len(self.model.tokenizer.encode(a, add_special_tokens=False)), max_tokens) if a else 0
             out.append({"prompt_tokens": n_prompt, "completion_tokens": n_out,
                         "finish": "length" if n_out >= max_tokens else "stop"})
         return out
@@ -227,6 +228,12 @@ async def _internal_error(request: Request, exc: Exception):  # a bug, never bad
     log.exception("internal error")
     err = APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
     return JSONResponse(err.body(), status_code=500)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    err = APIError(422, f"invalid request: {exc.errors()[:1]}", code="invalid_value")
+    return JSONResponse(err.body(), status_code=422)
 
 
 @fastapi_app.exception_handler(404)

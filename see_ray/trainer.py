@@ -77,10 +77,11 @@ def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
     With all weights 1 this is exactly the usual token-mean SFT loss.
     """
     logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
-    ce = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
-    )
-    w = weights.reshape(-1)
+    # Select the target positions first: log-softmax over the 49k vocabulary is ~40% of a step, and the
+    # prompt positions (most of them) would only be masked out afterwards (measured: 2.8 s -> 2.0 s a step).
+    keep = labels != IGNORE
+    ce = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+    w = weights[keep]
     return (ce * w).sum() / w.sum().clamp(min=1e-9)
 
 
