@@ -4,6 +4,7 @@
     see-ray bench quality --data DIR  SEE vs SeqFT / Replay / MTL / Oracle on a task sequence
     see-ray config                    print the default configuration as YAML
     see-ray registry ...              inspect and edit the expert registry
+    see-ray serve                     serve the registry's experts over an OpenAI-compatible HTTP API
 
 Every command takes ``--config FILE.yaml`` and repeated ``--set section.field=value`` overrides.
 """
@@ -185,12 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(c)
     c.set_defaults(fn=cmd_config)
 
-    try:
-        from .registry_cli import add_registry_subcommands
-    except ImportError:  # registry arrives with the Ray issue
-        pass
-    else:
-        add_registry_subcommands(sub)
+    from .registry_cli import add_registry_subcommands
+    from .serve_cli import add_serve_subcommands
+
+    add_registry_subcommands(sub)
+    add_serve_subcommands(sub)
     return ap
 
 
