@@ -30,7 +30,7 @@ from .config import SEEConfig
 from .data import Task
 from .expert import SEEModel
 from .prompts import Query
-from .rehearsal import RehearsalBuffer, general_pool_from_tasks, plain_sft, reconstruct
+from .rehearsal import RehearsalBuffer, plain_sft, reconstruct
 from .router import ExpertSpec, Router, calibrate_threshold
 from .trainer import train_adapter
 

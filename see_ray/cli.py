@@ -12,7 +12,6 @@ Every command takes ``--config FILE.yaml`` and repeated ``--set section.field=va
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import sys

@@ -195,30 +195,9 @@ class SEEConfig(_Config):
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "SEEConfig":
         """Load a YAML file (optional) and apply ``section.field=value`` overrides (values parsed as YAML)."""
-        data: dict[str, Any] = {}
-        source = "defaults"
-        if path is not None:
-            source = str(path)
-            try:
-                loaded = yaml.safe_load(Path(path).read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"config file not found: {path}") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-            if loaded is not None and not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: top level must be a mapping of sections")
-            data = loaded or {}
-        for item in overrides or []:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override {item!r}: expected section.field=value")
-            node = data
-            *parents, leaf = key.strip().split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"override {item!r}: {p} is not a section")
-            node[leaf] = yaml.safe_load(raw)
+        data = read_yaml_mapping(path)
+        source = str(path) if path is not None else "defaults"
+        apply_overrides(data, overrides)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -226,6 +205,37 @@ class SEEConfig(_Config):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
+    """The mapping at the top of a YAML config file ({} for None or an empty file); ConfigError otherwise."""
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return dict(loaded or {})
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides in place (values parsed as YAML); the dotted path names nested keys."""
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
 
 
 def _describe(e: ValidationError) -> str:

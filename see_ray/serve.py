@@ -79,7 +79,7 @@ class _ModelReplica:
         for m in (self.ask, self.decide, self.generate):
             m.set_max_batch_size(size)
             m.set_batch_wait_timeout_s(wait)
-        from ray.serve.metrics import Counter, Histogram
+        from ray.serve.metrics import Histogram
 
         bounds = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
         self._m_decide = Histogram("see_replica_decide_ms", "Batched decide pass (ms).", bounds, tag_keys=("expert",))

@@ -13,10 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ConfigError, _describe
+from .config import ConfigError, _describe, apply_overrides, read_yaml_mapping
 
 
 class _Cfg(BaseModel):
@@ -152,29 +151,10 @@ class ServeConfig(_Cfg):
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "ServeConfig":
         """YAML file (optional; a top-level ``serve:`` section is accepted too) plus ``a.b=value`` overrides."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            try:
-                loaded = yaml.safe_load(Path(path).read_text()) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"config file not found: {path}") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: top level must be a mapping")
-            data = dict(loaded.get("serve", loaded))
-        for item in overrides or []:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override {item!r}: expected field.subfield=value")
-            key = key.strip().removeprefix("serve.")
-            node = data
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"override {item!r}: {p} is not a section")
-            node[leaf] = yaml.safe_load(raw)
+        data = read_yaml_mapping(path)
+        data = dict(data.get("serve", data))
+        # "serve." prefixes are accepted on overrides, as in the YAML file's optional top-level section.
+        apply_overrides(data, [o.strip().removeprefix("serve.") for o in overrides or []])
         try:
             return cls.model_validate(data)
         except ValidationError as e:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .config import ConfigError, SEEConfig
+from .config import ConfigError, SEEConfig, read_yaml_mapping
 from .rehearsal import Example
 from .storage import Storage, default_storage_uri
 
@@ -152,17 +152,7 @@ def load_job_configs(path: str | None, overrides: list[str] | None) -> tuple[SEE
     The ``ray_train`` section (and overrides starting with ``ray_train.``) go to RayTrainConfig, everything
     else to SEEConfig exactly as ``SEEConfig.from_yaml`` would take it.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data = dict(loaded or {})
+    data = read_yaml_mapping(path)
     ray_data = data.pop("ray_train", None) or {}
     if not isinstance(ray_data, dict):
         raise ConfigError(f"{path}: ray_train must be a mapping")
