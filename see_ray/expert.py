@@ -127,6 +127,18 @@ class SEEModel:
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=gc)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
 
+    def _chat_prompt(self, q: Query) -> list[int]:
+        """The base model answers out-of-distribution queries as the general model it is: through its own chat
+        template (an instruct model given the SEE template answered '' to "What is the largest planet?").
+        Over-long prompts keep their last ``max_prompt_tokens`` tokens (the generation cue is at the end)."""
+        messages = ([{"role": "system", "content": q.definition}] if q.definition else []) + [
+            {"role": "user", "content": q.input}
+        ]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)[-self.cfg.model.max_prompt_tokens :]
+
     def encode(self, queries: list[Query]) -> list[list[int]]:
         return [self.encoder.encode_query(q) for q in queries]
 
@@ -183,7 +195,10 @@ class SEEModel:
     ) -> list[str]:
         """Generate from the prompt (recomputing it). ``after_accept`` appends ACCEPT first, as an expert
         that accepted would; the base model (adapter None) and the baselines answer directly."""
-        seqs = self.encode(queries)
+        if adapter is None and getattr(self.tokenizer, "chat_template", None):
+            seqs = [self._chat_prompt(q) for q in queries]
+        else:
+            seqs = self.encode(queries)
         if after_accept:
             seqs = [s + [self.encoder.accept_id] for s in seqs]
         answers: list[str] = [""] * len(seqs)
