@@ -11,7 +11,11 @@ with the general pool as negatives; the same config, seed and global batch) is t
 For each, ``wall_s`` is the training part (the loop: every optimizer step, as the loop times it) and
 ``tokens_per_s`` the tokens trained per second of it; ``end_to_end_s`` adds model loading and, for Ray,
 worker-group start-up, data sharding and checkpoint reporting. (a) runs before Ray starts, so that the Ray
-processes do not share the cores with it.
+processes do not share the cores with it; Ray is started locally without the dashboard.
+
+Diagnosis (skip with ``--no-diagnose``): the same in-process and 1-worker Ray runs with ONE thread each. On a
+2-core machine they separate the cost of Ray and DeepSpeed themselves from the cost of Ray's background
+processes interrupting a 2-thread OpenMP team (see docs/results.md).
 
 Writes the JSON (``{"inprocess": {"wall_s", "tokens_per_s", ...}, "ray_ds_1": {...}, "ray_ds_2": {...},
 "meta": {...}}``) and prints a Markdown table for docs/results.md.
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in total (the machine has 2 cores)")
     ap.add_argument("--set", action="append", default=[], help="extra SEE config overrides")
     ap.add_argument("--out", default="docs/results/train-throughput.json")
+    ap.add_argument("--no-diagnose", dest="diagnose", action="store_false",
+                    help="skip the 1-thread pair (in-process and Ray) that isolates the cost of Ray's processes")
     args = ap.parse_args(argv)
 
     import torch
@@ -78,25 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="see-bench-train-"))
     try:
-        # (a) in-process, before any Ray process exists
-        torch.set_num_threads(args.threads)
-        a_cfg = cfg.model_copy(deep=True)
-        a_cfg.model.num_threads = args.threads
-        t0 = time.perf_counter()
-        r = train_adapter(examples, a_cfg, model_path, work / "inprocess", meta={"name": "bench"})
-        results["inprocess"] = {
-            "wall_s": r["train_s"], "tokens_per_s": r["tokens_per_s"], "end_to_end_s": time.perf_counter() - t0,
-            "tokens": r["tokens"], "final_loss": r["final_loss"], "workers": 1, "threads_per_worker": args.threads,
-            "deepspeed": False, "load_avg_after": load_avg(),
-        }
-        print("inprocess", json.dumps(results["inprocess"]), flush=True)
-        gc.collect()
+        # (a) in-process, before any Ray process exists; also with 1 thread, for the diagnosis in the doc
+        for key, threads in (("inprocess", args.threads), ("inprocess_1thread", 1)):
+            if key == "inprocess_1thread" and not args.diagnose:
+                continue
+            torch.set_num_threads(threads)
+            a_cfg = cfg.model_copy(deep=True)
+            a_cfg.model.num_threads = threads
+            t0 = time.perf_counter()
+            r = train_adapter(examples, a_cfg, model_path, work / key, meta={"name": "bench"})
+            results[key] = {
+                "wall_s": r["train_s"], "tokens_per_s": r["tokens_per_s"], "end_to_end_s": time.perf_counter() - t0,
+                "tokens": r["tokens"], "final_loss": r["final_loss"], "workers": 1, "threads_per_worker": threads,
+                "deepspeed": False, "load_avg_after": load_avg(),
+            }
+            print(key, json.dumps(results[key]), flush=True)
+            gc.collect()
 
-        ensure_ray(num_cpus=args.threads)
-        for key, workers in (("ray_ds_1", 1), ("ray_ds_2", 2)):
-            threads = max(1, args.threads // workers)
+        # A minimal local Ray (no dashboard: ten fewer background processes on two cores).
+        ensure_ray(num_cpus=args.threads, include_dashboard=False)
+        runs = [("ray_ds_1", 1, args.threads), ("ray_ds_2", 2, max(1, args.threads // 2))]
+        if args.diagnose:
+            runs.append(("ray_ds_1_1thread", 1, 1))
+        for key, workers, threads in runs:
             rt = RayTrainConfig(
-                num_workers=workers, deepspeed="zero2", cpus_per_worker=threads, threads_per_worker=threads,
+                num_workers=workers, deepspeed="zero2", cpus_per_worker=args.threads / workers, threads_per_worker=threads,
                 start_timeout_s=120,
             )
             out = train_on_ray(
@@ -128,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "ray_ds_1_over_inprocess_wall": b["wall_s"] / a["wall_s"],
         "ray_ds_2_over_inprocess_wall": c["wall_s"] / a["wall_s"],
+        **(
+            {"ray_ds_1_1thread_over_inprocess_1thread_wall": results["ray_ds_1_1thread"]["wall_s"]
+             / results["inprocess_1thread"]["wall_s"]}
+            if args.diagnose else {}
+        ),
+        "ray_dashboard": False,
         "target_ray_ds_1_over_inprocess_wall": 1.15,
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -136,11 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}\n")
     print("| run | workers x threads | training wall (s) | tokens/s | end to end (s) | vs in-process |")
     print("|---|---|---|---|---|---|")
-    for key, label in (("inprocess", "(a) in-process loop"), ("ray_ds_1", "(b) Ray Train + DeepSpeed ZeRO-2"),
-                       ("ray_ds_2", "(c) Ray Train + DeepSpeed ZeRO-2")):
+    labels = (("inprocess", "(a) in-process loop"), ("ray_ds_1", "(b) Ray Train + DeepSpeed ZeRO-2"),
+              ("ray_ds_2", "(c) Ray Train + DeepSpeed ZeRO-2"), ("inprocess_1thread", "diagnosis: in-process loop"),
+              ("ray_ds_1_1thread", "diagnosis: Ray Train + DeepSpeed ZeRO-2"))
+    for key, label in labels:
+        if key not in results:
+            continue
         r = results[key]
+        ref = results["inprocess_1thread"] if key == "ray_ds_1_1thread" else a
         print(f"| {label} | {r['workers']} x {r['threads_per_worker']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.0f} | "
-              f"{r['end_to_end_s']:.1f} | {r['wall_s'] / a['wall_s']:.2f}x |")
+              f"{r['end_to_end_s']:.1f} | {r['wall_s'] / ref['wall_s']:.2f}x |")
     return 0
 
 
