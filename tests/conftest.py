@@ -165,8 +165,12 @@ def _start_head(temp: str):
     gcs, dash, agent, agent_grpc, rt_env, metrics, client, http = _free_ports(8)
     # A loaded 2-core machine can take longer than Ray allows to start the dashboard agent, and the raylet then
     # aborts ("Timed out waiting for file .../dashboard_agent_listen_port"): the caller retries.
+    # PYTHONPATH: the cluster's workers (Serve replicas, Train workers, jobs) import see_ray from the checkout
+    # under test, not from wherever the editable install happens to point.
+    repo = str(Path(__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_agent_register_timeout_ms": "120000"}
+           "RAY_agent_register_timeout_ms": "120000", "PYTHONPATH": pythonpath}
     log_path = Path(temp) / "ray-start.log"
     cmd = [
         "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4",

@@ -88,8 +88,9 @@ def test_live_add_by_job_under_load_then_used(served, ray_head, two_tasks, tmp_p
     for o in tiny_overrides(served["cfg"].model.name_or_path):
         sets += ["--set", o]
     cmd = [
-        "ray", "job", "submit", "--address", ray_head["dashboard"], "--submission-id", f"add-antonyms-{os.getpid()}",
-        "--", sys.executable, str(REPO / "jobs" / "add_expert.py"), "--task", str(folder), "--name", "antonyms",
+        "ray", "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
+        "--submission-id", f"add-antonyms-{os.getpid()}",
+        "--", "python", "jobs/add_expert.py", "--task", str(folder), "--name", "antonyms",
         "--storage", served["storage"], "--workers", "1", "--min-accept", "0.5", "--min-reject", "0.5",
         "--set", "ray_train.deepspeed=null", *sets,
     ]
