@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -355,16 +358,28 @@ def test_relative_local_root_becomes_absolute(tmp_path, monkeypatch):
     assert st.uri == str(tmp_path / "rel" / "store") and st.is_local
 
 
-def test_object_store_registry_needs_ray_for_writes(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("a Ray session is active in this process")
-    reg = Registry(Storage("mock://bucket/see", filesystem=pafs._MockFileSystem()))
-    assert reg.list() == []  # reading needs nothing
-    with pytest.raises(RegistryError, match="Ray"):
-        reg.disable("x")
+def test_object_store_registry_needs_ray_for_writes(tmp_path):
+    # In a fresh interpreter: the suite's Ray fixtures may have connected this process to a cluster already,
+    # and the point is what happens where no Ray session exists.
+    code = """
+import pyarrow.fs as pafs
+from see_ray.registry import Registry, RegistryError
+from see_ray.storage import Storage
+reg = Registry(Storage("mock://bucket/see", filesystem=pafs._MockFileSystem()))
+assert reg.list() == []  # reading needs nothing
+try:
+    reg.disable("x")
+except RegistryError as e:
+    assert "Ray" in str(e), e
+    print("refused:", e)
+else:
+    raise SystemExit("a write without Ray was not refused")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # the checkout under test
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "refused:" in r.stdout, r.stdout + r.stderr
 
 
 # -- CLI --------------------------------------------------------------------------------------------
