@@ -304,21 +304,6 @@ def passes(v: dict) -> bool:
 
 
 # -- step 6: live deployment hook -----------------------------------------------------------------------
-def serving_running() -> bool:
-    """Is a Ray Serve controller alive on this cluster? (looked up by name; nothing is started)."""
-    import ray
-
-    try:
-        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        return True
-    except ValueError:
-        return False
-    except Exception:  # a Ray without Serve installed, or an unreachable GCS: treat as not running
-        return False
-
-
 def deploy_live(record: ExpertRecord, registry: Registry, see: SEEConfig) -> dict:
     """Step 6: deploy the newly registered expert into the running serving application.
 
@@ -327,19 +312,12 @@ def deploy_live(record: ExpertRecord, registry: Registry, see: SEEConfig) -> dic
     refresh and puts it into its sequence (see_ray.serve.add_expert_live). The SEE application's name is
     ``$SEE_RAY_SERVE_APP`` (default ``see``). Returns {"deployed": bool, "serving": bool, "message": str, ...}.
     """
-    if not serving_running():
-        return {"deployed": False, "serving": False, "message": "serving is not running; expert registered only"}
-    from see_ray.serve import add_expert_live, dispatcher_configs
+    from see_ray.serve import add_expert_live, live_app_for, serving_running
 
     app = os.environ.get("SEE_RAY_SERVE_APP", "see")
-    conf = dispatcher_configs(app)
+    conf, why = live_app_for(registry.storage.uri, app)
     if conf is None:
-        return {"deployed": False, "serving": True,
-                "message": f"Serve is running but has no SEE application {app!r}; expert registered only"}
-    if Storage(conf["storage"]).uri != registry.storage.uri:
-        return {"deployed": False, "serving": True,
-                "message": f"the running SEE application serves the registry {conf['storage']}, not "
-                f"{registry.storage.uri}; expert registered only"}
+        return {"deployed": False, "serving": serving_running(), "message": f"{why}; expert registered only"}
     info = add_expert_live(record.name, app)
     seq = [e["name"] for e in info["sequence"]]
     apps = [e["app"] for e in info["sequence"] if e["name"] == record.name]

@@ -18,7 +18,12 @@ How a request becomes a SEE query: clients send raw text, so a completion prompt
 before the input). Earlier turns are not part of the query (SEE experts are single-turn task solvers).
 
 Decoding is greedy: ``temperature``/``top_p``/``seed`` are accepted for compatibility and ignored; ``n``
-must be 1; ``stop`` strings cut the answer after generation.
+must be 1; ``stop`` strings cut the answer (and end a stream).
+
+Streaming (``stream: true``, server-sent events in OpenAI's chunk format): the routing decisions are made
+first (the walk asks the experts for decisions only), then the accepting expert (or the base) generates and
+every token's text is sent as it is produced. The pieces concatenate to exactly the non-streamed answer; the
+last chunk before ``[DONE]`` carries ``finish_reason``, ``usage`` and the routing trace.
 
 Routing trace (extension field ``see_routing`` on every completion object and on the final stream chunk)::
 
@@ -290,14 +295,35 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-def stream_pieces(text: str) -> list[str]:
-    """Split an answer into word-sized pieces that concatenate back to it exactly."""
-    pieces, cur = [], ""
-    for ch in text:
-        if ch.isspace() and cur and not cur.isspace():
-            pieces.append(cur)
-            cur = ""
-        cur += ch
-    if cur:
-        pieces.append(cur)
-    return pieces or [""]
+class StopScanner:
+    """Applies ``stop`` strings to a stream of text pieces exactly as ``apply_stop`` does to the whole text.
+
+    ``feed(piece)`` returns the text that may be sent now and whether a stop string was hit (then nothing more
+    is sent). A tail that could still become the start of a stop string is held back until the next piece
+    settles it; ``flush()`` returns it at the end.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything received
+        self.sent = 0  # characters of it already released
+        self.stopped = False
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.text += piece
+        cut, hit = apply_stop(self.text, self.stops)
+        if hit:
+            self.stopped = True
+            return self._release(len(cut)), True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - hold), False
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        out = self.text[self.sent : max(upto, self.sent)]
+        self.sent = max(upto, self.sent)
+        return out

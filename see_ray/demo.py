@@ -11,7 +11,9 @@ The same generators give the tests their synthetic tasks and the jobs their defa
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from .data import Instance, Task
 from .prompts import Query
@@ -95,3 +97,14 @@ def unrelated_queries() -> list[Query]:
         Query("Write one sentence about autumn leaves."),
         Query("List three colors of the rainbow."),
     ]
+
+
+def write_task_folder(task: Task, folder: Path) -> Path:
+    """A task as the job reads it: train/dev/test.jsonl (one {"input", "output"} per line) + definition.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", task.train), ("dev", task.dev), ("test", task.test)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for x in rows:
+                f.write(json.dumps({"input": x.input, "output": x.outputs[0]}) + "\n")
+    (folder / "definition.txt").write_text(task.definition)
+    return folder

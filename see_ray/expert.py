@@ -5,6 +5,9 @@
 - ``decide_and_generate``: the same forward pass, and the prompts that pass the threshold go on generating
   after ACCEPT from that pass's KV cache (the prompt is never recomputed).
 - ``generate(queries, adapter=None)``: plain generation (adapter None = the base model, SEE's fallback).
+- ``stream(query, adapter, threshold)``: one query token by token (Serve's streaming responses), through the
+  same decide pass and the same greedy decode loop (``_decode``) as the batched calls, so the streamed pieces
+  concatenate to exactly the batched answer.
 
 One process may hold many adapters over one copy of the base (the benchmark and the demo do); a Serve
 replica holds exactly one. Adapters are only read from safetensors (never pickle).
@@ -13,7 +16,9 @@ replica holds exactly one. Adapters are only read from safetensors (never pickle
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,6 +73,10 @@ class SEEModel:
         self.peft = None  # becomes a PeftModel when the first adapter is loaded
         self.adapters: dict[str, str] = {}
         self.batch_size = batch_size  # rows per forward pass; bounds activation memory
+        # transformers 5.x renamed the KV-cache argument and output field past_key_values -> cache (the old
+        # name warns, and goes in 5.40); take whichever this version has
+        fwd = inspect.signature(self.base.forward).parameters
+        self._cache_kw = "cache" if "cache" in fwd else "past_key_values"
 
     # -- adapters -------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
@@ -115,17 +124,52 @@ class SEEModel:
             idx = order[k : k + self.batch_size]
             yield idx, [seqs[i] for i in idx]
 
-    def _generate(self, model, ids, mask, max_new_tokens: int, cache=None) -> list[str]:
-        from transformers import GenerationConfig
+    def _decode(self, model, ids, mask, max_new_tokens: int, cache=None) -> Iterator[torch.Tensor]:
+        """Greedy decoding, one step per iteration: yields every row's next token (a ``[rows]`` tensor; rows that
+        already produced EOS yield padding). The one decode loop of the package: batched answers collect it
+        (``_texts``), streaming answers (``stream``) hand each step to the client as it is computed.
 
-        gc = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.encoder.pad_id,
-            eos_token_id=self.encoder.eos_id,
-        )
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=gc)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
+        ``cache``: the KV cache of a pass over a prefix of ``ids`` (the decide pass); only the rest is computed.
+        Without it the whole prompt is prefilled first. Left padding: positions start at each row's text.
+        """
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        feed = ids if cache is None else ids[:, cache.get_seq_length() :]
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -feed.shape[1] :]
+            # logits_to_keep=1: only the last position's 49k-wide output row is needed
+            out = model(input_ids=feed, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                        **{self._cache_kw: cache})
+            cache = out[self._cache_kw]
+            nxt = out.logits[:, -1, :].float().argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.encoder.pad_id), nxt)
+            yield nxt
+            done |= nxt == self.encoder.eos_id
+            if bool(done.all()):
+                return
+            feed = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(feed)], dim=1)
+
+    def _texts(self, steps: Iterator[torch.Tensor], rows: int) -> list[str]:
+        """Collect a ``_decode`` run into the rows' answers (special tokens dropped, stripped)."""
+        cols = list(steps)
+        if not cols:
+            return [""] * rows
+        out = torch.stack(cols, dim=1)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _decide_pass(self, model, ids, mask, keep_cache: bool):
+        """One forward pass over left-padded prompts: p(ACCEPT) per row and the KV cache (if asked for)."""
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each row's text
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=keep_cache, logits_to_keep=1)
+        last = out.logits[:, -1, :].float()
+        p = torch.sigmoid(last[:, self.encoder.accept_id] - last[:, self.encoder.reject_id])
+        return p.tolist(), (out[self._cache_kw] if keep_cache else None)
+
+    def _after_accept(self, ids, mask, cache, keep: list[int]):
+        """The rows in ``keep`` continued by the ACCEPT token, with their part of the decide pass's cache."""
+        cache.batch_select_indices(torch.tensor(keep))
+        accept = torch.full((len(keep), 1), self.encoder.accept_id, dtype=torch.long)
+        return torch.cat([ids[keep], accept], dim=1), torch.cat([mask[keep], torch.ones_like(accept)], dim=1), cache
 
     def _chat_prompt(self, q: Query) -> list[int]:
         """The base model answers out-of-distribution queries as the general model it is: through its own chat
@@ -161,23 +205,16 @@ class SEEModel:
         with self._use(adapter) as model:
             for idx, chunk in self._chunks(seqs):
                 ids, mask = self._left_pad(chunk)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each row's text
-                out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=threshold is not None)
-                last = out.logits[:, -1, :].float()
-                p = torch.sigmoid(last[:, self.encoder.accept_id] - last[:, self.encoder.reject_id])
-                for i, v in zip(idx, p.tolist()):
+                p, cache = self._decide_pass(model, ids, mask, keep_cache=threshold is not None)
+                for i, v in zip(idx, p):
                     probs[i] = v
                 if threshold is None:
                     continue
-                keep = [r for r, v in enumerate(p.tolist()) if v >= threshold]
+                keep = [r for r, v in enumerate(p) if v >= threshold]
                 if not keep:
                     continue
-                cache = out.past_key_values
-                cache.batch_select_indices(torch.tensor(keep))
-                accept = torch.full((len(keep), 1), self.encoder.accept_id, dtype=torch.long)
-                gen_ids = torch.cat([ids[keep], accept], dim=1)
-                gen_mask = torch.cat([mask[keep], torch.ones_like(accept)], dim=1)
-                texts = self._generate(model, gen_ids, gen_mask, max_new_tokens, cache=cache)
+                gen_ids, gen_mask, cache = self._after_accept(ids, mask, cache, keep)
+                texts = self._texts(self._decode(model, gen_ids, gen_mask, max_new_tokens, cache), len(keep))
                 for r, t in zip(keep, texts):
                     answers[idx[r]] = t
         return probs, answers
@@ -195,19 +232,94 @@ class SEEModel:
     ) -> list[str]:
         """Generate from the prompt (recomputing it). ``after_accept`` appends ACCEPT first, as an expert
         that accepted would; the base model (adapter None) and the baselines answer directly."""
-        if adapter is None and getattr(self.tokenizer, "chat_template", None):
-            seqs = [self._chat_prompt(q) for q in queries]
-        else:
-            seqs = self.encode(queries)
-        if after_accept:
-            seqs = [s + [self.encoder.accept_id] for s in seqs]
+        seqs = self._prompts(queries, adapter, after_accept)
         answers: list[str] = [""] * len(seqs)
         with self._use(adapter) as model:
             for idx, chunk in self._chunks(seqs):
                 ids, mask = self._left_pad(chunk)
-                for i, t in zip(idx, self._generate(model, ids, mask, max_new_tokens)):
+                for i, t in zip(idx, self._texts(self._decode(model, ids, mask, max_new_tokens), len(idx))):
                     answers[i] = t
         return answers
+
+    def _prompts(self, queries: list[Query], adapter: str | None, after_accept: bool) -> list[list[int]]:
+        if adapter is None and getattr(self.tokenizer, "chat_template", None):
+            seqs = [self._chat_prompt(q) for q in queries]
+        else:
+            seqs = self.encode(queries)
+        return [s + [self.encoder.accept_id] for s in seqs] if after_accept else seqs
+
+    @torch.inference_mode()
+    def stream(
+        self, query: Query, adapter: str | None, threshold: float | None, max_new_tokens: int
+    ) -> Iterator[dict]:
+        """One query, token by token, computed exactly as the batched path computes a batch of one.
+
+        Yields ``{"p": p(ACCEPT)}`` first (``{"p": None}`` for the base model, ``adapter=None``, which does not
+        decide); then, if the expert accepts (``p >= threshold``; ``threshold=None``: decide only) or for the
+        base, ``{"text": piece}`` as tokens are generated, and finally ``{"answer": full text, "tokens": n}``.
+        The pieces concatenate to ``answer``, which equals ``decide_and_generate`` / ``generate``'s answer.
+        """
+        with self._use(adapter) as model:
+            if adapter is None:
+                yield {"p": None}
+                ids, mask = self._left_pad(self._prompts([query], None, False))
+                steps = self._decode(model, ids, mask, max_new_tokens)
+            else:
+                ids, mask = self._left_pad(self.encode([query]))
+                p, cache = self._decide_pass(model, ids, mask, keep_cache=threshold is not None)
+                yield {"p": p[0]}
+                if threshold is None or p[0] < threshold:
+                    return
+                gen_ids, gen_mask, cache = self._after_accept(ids, mask, cache, [0])
+                steps = self._decode(model, gen_ids, gen_mask, max_new_tokens, cache)
+            text = StreamText(self.tokenizer)
+            for tok in steps:
+                piece = text.push(int(tok[0]))
+                if piece:
+                    yield {"text": piece, "tokens": text.generated}
+            piece = text.finish()
+            if piece:
+                yield {"text": piece, "tokens": text.generated}
+            yield {"answer": text.sent, "tokens": text.generated}
+
+
+class StreamText:
+    """One row's tokens -> text pieces whose concatenation is exactly the batched answer,
+    ``decode(tokens, skip_special_tokens=True).strip()``.
+
+    Leading whitespace is dropped; trailing whitespace and an incomplete UTF-8 character (decoded as U+FFFD
+    while its bytes are split over tokens) are held back until a later token settles them. Decoding the whole
+    prefix each step keeps byte-level BPE exact (a token may end inside a character).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+        self.generated = 0  # tokens generated, EOS excluded
+
+    def push(self, token_id: int) -> str:
+        if token_id == self.tokenizer.eos_token_id:
+            return ""
+        self.generated += 1
+        self.ids.append(token_id)
+        text = self._decoded()
+        while text and (text[-1].isspace() or text[-1] == "\ufffd"):
+            text = text[:-1]
+        return self._emit(text)
+
+    def finish(self) -> str:
+        return self._emit(self._decoded().rstrip())
+
+    def _decoded(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def _emit(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            # nothing new (or a decode that rewrote earlier text, which byte-level BPE does not do)
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
 
 
 class ExpertRuntime:

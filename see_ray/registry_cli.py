@@ -4,6 +4,12 @@ Hooked into ``see_ray/cli.py`` with ``add_registry_subcommands(subparsers)``; ev
 ``args.fn`` to a function ``(args) -> exit code`` (registry errors become a message and exit code 2).
 Reading needs no cluster (the registry is a document in the storage root); writes on an object-store root
 need a Ray cluster for the lock (RAY_ADDRESS).
+
+Serving follows the registry: with ``--address`` (or ``RAY_ADDRESS``) pointing at the cluster that serves this
+registry, ``disable`` and ``remove`` take the expert out of the dispatcher's sequence first and then tear its
+deployment down (``serve.remove_expert_live``), and ``enable`` deploys it again and puts it back
+(``serve.add_expert_live``). Without an address the running dispatcher still drops a disabled or removed
+expert from its sequence at its next registry poll, but its deployment keeps running.
 Also runnable alone: ``python -m see_ray.registry_cli list``.
 """
 
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .registry import Registry, RegistryError, format_sequence
@@ -23,6 +30,11 @@ def add_registry_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--storage", default=None, help=f"storage root (default $SEE_RAY_STORAGE or {default_storage_uri()})"
     )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster serving this registry (default $RAY_ADDRESS): disable/remove/"
+        "enable then change the live sequence and deployments too; without one, serving is not touched"
+    )
+    p.add_argument("--app", default="see", help="Serve application of the SEE dispatcher (default see)")
     sub = p.add_subparsers(dest="registry_command", metavar="{list,show,disable,enable,remove}")
     sub.required = True
 
@@ -77,12 +89,49 @@ def _set_status(args) -> int:
     reg = _registry(args)
     rec = reg.disable(args.name) if args.action == "disable" else reg.enable(args.name)
     print(f"{rec.name}: {rec.status}")
-    return 0
+    return _sync_serving(args, reg, rec.name, active=args.action == "enable")
 
 
 def _remove(args) -> int:
-    rec = _registry(args).remove(args.name, purge=args.purge)
+    reg = _registry(args)
+    rec = reg.remove(args.name, purge=args.purge)
     print(f"{rec.name}: removed{' and purged' if args.purge else ' (files kept; --purge deletes them)'}")
+    return _sync_serving(args, reg, rec.name, active=False)
+
+
+def _sync_serving(args, reg: Registry, name: str, active: bool) -> int:
+    """Apply a registry change to the live service (when one serves this registry on the given cluster).
+
+    The registry is the source of truth and already changed; a failure here leaves serving behind it (the
+    dispatcher's poll still drops an inactive expert), is reported, and exits 1.
+    """
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        print("serving: not touched (no --address or RAY_ADDRESS)")
+        return 0
+    try:
+        import ray
+
+        from .serve import add_expert_live, live_app_for, remove_expert_live
+
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK-NOTES gotcha 1, as the project's clusters
+            ray.init(address=address, log_to_driver=False)
+        conf, why = live_app_for(reg.storage.uri, args.app)
+        if conf is None:
+            print(f"serving: not touched ({why})")
+            return 0
+        if active:
+            info = add_expert_live(name, args.app)
+            what = "deployed and put into the sequence"
+        else:
+            info = remove_expert_live(name, args.app)
+            what = "taken out of the sequence, then its deployment torn down"
+    except Exception as e:  # noqa: BLE001 - the registry change stands; say what did not happen
+        print(f"see-ray registry: the registry changed, but updating serving at {address} failed: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"serving: {name} {what}; sequence now {[e['name'] for e in info['sequence']]}")
     return 0
 
 

@@ -128,6 +128,33 @@ class _ModelReplica:
         self._m_batch.observe(len(reqs), self._tags)
         return out
 
+    async def stream(self, req: dict):
+        """Streaming generation, called as ``handle.options(stream=True).stream.remote(req)``.
+
+        ``{input, definition?, max_tokens, threshold?}`` -> ``{"p"}`` (p(ACCEPT); None from the base) first,
+        then ``{"text": piece}`` per generated token as it is computed (nothing if an expert rejects at
+        ``threshold``), then ``{"answer", prompt_tokens, completion_tokens, finish}``. Not batched: every step
+        is one token for this request, computed in a worker thread under the model lock, so concurrent
+        streams and batches interleave token by token instead of waiting for whole answers.
+        """
+        q, mt = self._query(req), int(req["max_tokens"])
+        thr = req.get("threshold", 0.0) if self.adapter is not None else None
+        steps = self.model.stream(q, self.adapter, thr, mt)
+        t0 = time.perf_counter()
+
+        def step():
+            with self._lock:
+                return next(steps, None)
+
+        while (item := await asyncio.to_thread(step)) is not None:
+            if "p" in item:
+                item = {**item, "prompt_tokens": len(self.model.encoder.encode_query(q))}
+            elif "answer" in item:
+                self._m_generate.observe((time.perf_counter() - t0) * 1000, self._tags)
+                tok = self._tokens([q], [item["answer"]], mt)[0]
+                item = {"answer": item["answer"], **tok}
+            yield item
+
     def configure_batch(self, max_batch_size: int, wait_s: float) -> dict:
         """Change batching in place (benchmarks compare batch size 1 with batching on one replica)."""
         for m in (self.ask, self.decide, self.generate):
@@ -427,6 +454,11 @@ class Dispatcher:
 
     async def walk(self, q: Query, max_tokens: int, generate: bool = True, mode: str | None = None) -> tuple[RouteResult, dict]:
         """SEE's sequential routing for one query. Returns the result and token/finish info of the answer."""
+        res, r, _ = await self._walk(q, max_tokens, generate, mode)
+        return res, r
+
+    async def _walk(self, q: Query, max_tokens: int, generate: bool, mode: str | None):
+        """``walk``, also returning the accepting expert's entry (None: the base answers)."""
         mode = mode or self.mode
         seq = list(self.seq)  # a snapshot: a refresh during the walk does not change this request's sequence
         trace: list[Ask] = []
@@ -434,7 +466,7 @@ class Dispatcher:
             for e in seq:
                 r, ms = await self._ask(e, q, max_tokens, generate)
                 if self._record(e, r, ms, e.threshold, trace):
-                    return RouteResult(r["answer"], e.name, trace), r
+                    return RouteResult(r["answer"], e.name, trace), r, e
         else:
             k = max(1, self.width)
             for start in range(0, len(seq), k):
@@ -446,18 +478,18 @@ class Dispatcher:
                         r, _ = await task
                         ms = (time.perf_counter() - t0) * 1000  # from the window's start: this hop's latency
                         if self._record(e, r, ms, e.threshold, trace):
-                            return RouteResult(r["answer"], e.name, trace), r
+                            return RouteResult(r["answer"], e.name, trace), r, e
                 finally:
                     for t in tasks:  # the asks after the acceptor are not needed
                         if not t.done():
                             t.cancel()
         self.m_fallbacks.inc()
         if not generate:
-            return RouteResult(None, BASE, trace), {}
+            return RouteResult(None, BASE, trace), {}, None
         t0 = time.perf_counter()
         r = await self.base.generate.remote({"input": q.input, "definition": q.definition, "max_tokens": max_tokens})
         self.m_generate_ms.observe((time.perf_counter() - t0) * 1000)
-        return RouteResult(r["answer"], BASE, trace), r
+        return RouteResult(r["answer"], BASE, trace), r, None
 
     async def _forced(self, model: str, q: Query, max_tokens: int) -> tuple[RouteResult, dict]:
         if model == BASE:
@@ -473,18 +505,24 @@ class Dispatcher:
         """Route (or force) one query; returns the result, the answer's token info, and the trace dict."""
         forced = model != self.scfg.model_name
         t0 = time.perf_counter()
+        coro = self._forced(model, q, max_tokens) if forced else self.walk(q, max_tokens)
+        res, info = await self._bounded(coro, f"no answer within {self.scfg.request_timeout_s:.0f} s; retry later")
+        return res, info, self._answered(res, forced, t0)
+
+    async def _bounded(self, coro, timeout_message: str):
+        """Await within ``request_timeout_s``; a timeout or a deployment that cannot take the request -> 503."""
         try:
-            coro = self._forced(model, q, max_tokens) if forced else self.walk(q, max_tokens)
-            res, info = await asyncio.wait_for(coro, self.scfg.request_timeout_s)
+            return await asyncio.wait_for(coro, self.scfg.request_timeout_s)
         except asyncio.TimeoutError:
-            raise api.unavailable(f"no answer within {self.scfg.request_timeout_s:.0f} s; retry later",
-                                  self.scfg.retry_after_s) from None
+            raise api.unavailable(timeout_message, self.scfg.retry_after_s) from None
         except self._unavailable as e:
             raise api.unavailable(f"no deployment can take the request now ({type(e).__name__}); retry later",
                                   self.scfg.retry_after_s) from None
+
+    def _answered(self, res: RouteResult, forced: bool, t0: float) -> dict:
         self.m_hops.observe(res.hops)
         self.m_answers.inc(1, {"expert": res.expert})
-        return res, info, self.trace_dict(res, forced, (time.perf_counter() - t0) * 1000)
+        return self.trace_dict(res, forced, (time.perf_counter() - t0) * 1000)
 
     def trace_dict(self, res: RouteResult, forced: bool, total_ms: float) -> dict:
         return {
@@ -537,9 +575,9 @@ class Dispatcher:
         mt = self._max_tokens(req)
 
         async def run():
-            outs = await asyncio.gather(*(self.answer(req.model, q, mt) for q in req.queries()))
             if req.stream:
-                return self._stream_completion(req, outs[0])
+                return await self._stream(req, req.queries()[0], mt, chat=False)
+            outs = await asyncio.gather(*(self.answer(req.model, q, mt) for q in req.queries()))
             choices, pt, ct, traces = [], 0, 0, []
             for i, (res, info, trace) in enumerate(outs):
                 text, finish = self._finish(res.answer, info, req.stops())
@@ -560,49 +598,114 @@ class Dispatcher:
         mt = self._max_tokens(req)
 
         async def run():
+            if req.stream:
+                return await self._stream(req, req.query(), mt, chat=True)
             res, info, trace = await self.answer(req.model, req.query(), mt)
             text, finish = self._finish(res.answer, info, req.stops())
-            if req.stream:
-                return self._stream_chat(req, text, finish, info, trace)
             usage = api.usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0))
             return api.chat_response(req.model, text, finish, usage, trace)
 
         return await self._guard("chat", req.model, run)
 
-    def _stream_completion(self, req, out):
-        res, info, trace = out
-        text, finish = self._finish(res.answer, info, req.stops())
-        cid, created = api.new_id("cmpl"), int(time.time())
+    # -- streaming ----------------------------------------------------------------------------------------
+    async def _open_stream(self, model: str, q: Query, max_tokens: int):
+        """Decide who answers, then open that deployment's token stream and read its first item.
 
-        def chunk(piece: str, fin: str | None, extra: dict | None = None) -> dict:
-            d = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                 "choices": [{"index": 0, "text": piece, "finish_reason": fin, "logprobs": None}]}
-            return {**d, **(extra or {})}
+        Routed requests walk the sequence with decisions only (the same walk, both modes); the accepting expert
+        (or the base) then streams, continuing after ACCEPT from its own decide pass. A forced expert streams
+        directly and its first item is its decision. Reading the first item here keeps failures to start an
+        HTTP error (503) rather than a broken stream. Returns (result, entry or None, stream, first item).
+        """
+        forced = model != self.scfg.model_name
+        req = {"input": q.input, "definition": q.definition, "max_tokens": max_tokens,
+               "threshold": 0.0}  # the decision is made: the answering expert generates regardless
+        if not forced:
+            res, _, entry = await self._walk(q, 1, False, None)
+        elif model == BASE:
+            res, entry = RouteResult(None, BASE, []), None
+        else:
+            res, entry = None, next(x for x in self.seq if x.name == model)
+        handle = self.base if entry is None else entry.handle
+        if entry is not None:
+            self.inflight[entry.name] = self.inflight.get(entry.name, 0) + 1
+        t0 = time.perf_counter()
+        gen = None
+        try:
+            gen = handle.options(stream=True).stream.remote(req)
+            first = await gen.__anext__()
+        except BaseException:  # including the cancellation of a timed-out start
+            if gen is not None:
+                gen.cancel()
+            if entry is not None:
+                self.inflight[entry.name] -= 1
+            raise
+        if res is None:  # forced expert: its decision is reported, not applied
+            p = first["p"]
+            res = RouteResult(None, entry.name, [Ask(entry.name, p, entry.threshold, p >= entry.threshold,
+                                                     (time.perf_counter() - t0) * 1000)])
+            self.m_asks.inc(1, {"expert": entry.name, "decision": "forced"})
+        return res, entry, gen, first
+
+    async def _stream(self, req, q: Query, max_tokens: int, chat: bool) -> StreamingResponse:
+        """Server-sent events in OpenAI's chunk format, one chunk per generated token's text."""
+        t0 = time.perf_counter()
+        forced = req.model != self.scfg.model_name
+        res, entry, gen, first = await self._bounded(self._open_stream(req.model, q, max_tokens),
+                                                     "streaming did not start in time; retry later")
+        cid, created = api.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+
+        def chunk(piece: str | None, fin: str | None, extra: dict | None = None, role: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
+                choice = {"index": 0, "delta": delta, "finish_reason": fin, "logprobs": None}
+                obj = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": piece or "", "finish_reason": fin, "logprobs": None}
+                obj = "text_completion"
+            return {"id": cid, "object": obj, "created": created, "model": req.model, "choices": [choice], **(extra or {})}
 
         async def events():
-            for piece in api.stream_pieces(text):
-                yield api.sse(chunk(piece, None))
-            usage = api.usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0))
-            yield api.sse(chunk("", finish, {"usage": usage, api.TRACE_FIELD: trace}))
-            yield api.sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    def _stream_chat(self, req, text: str, finish: str, info: dict, trace: dict):
-        cid, created = api.new_id("chatcmpl"), int(time.time())
-
-        def chunk(delta: dict, fin: str | None, extra: dict | None = None) -> dict:
-            d = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": fin, "logprobs": None}]}
-            return {**d, **(extra or {})}
-
-        async def events():
-            yield api.sse(chunk({"role": "assistant", "content": ""}, None))
-            for piece in api.stream_pieces(text):
-                yield api.sse(chunk({"content": piece}, None))
-            usage = api.usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0))
-            yield api.sse(chunk({}, finish, {"usage": usage, api.TRACE_FIELD: trace}))
-            yield api.sse("[DONE]")
+            stops = api.StopScanner(req.stops())
+            final, n_tokens, done = None, 0, False
+            try:
+                if chat:
+                    yield api.sse(chunk(None, None, role=True))
+                elif getattr(req, "echo", False):
+                    yield api.sse(chunk(req.prompts()[0], None))
+                async for item in gen:
+                    if "text" in item:
+                        n_tokens = item.get("tokens", n_tokens)
+                        piece, hit = stops.feed(item["text"])
+                        if piece:
+                            yield api.sse(chunk(piece, None))
+                        if hit:
+                            break  # a stop string ended the answer: the rest is not generated
+                    elif "answer" in item:
+                        final = item
+                rest = stops.flush()
+                if rest:
+                    yield api.sse(chunk(rest, None))
+                if final is not None:
+                    pt, ct, finish = final["prompt_tokens"], final["completion_tokens"], final["finish"]
+                else:  # stopped early
+                    pt, ct, finish = first.get("prompt_tokens", 0), min(n_tokens, max_tokens), "stop"
+                if stops.stopped:
+                    finish = "stop"
+                trace = self._answered(res, forced, t0)
+                yield api.sse(chunk(None if chat else "", finish, {"usage": api.usage(pt, ct), api.TRACE_FIELD: trace}))
+                yield api.sse("[DONE]")
+                done = True
+            except Exception as e:  # the status line is sent: report in the stream, as OpenAI does
+                log.exception("stream failed")
+                err = api.unavailable(f"the answer stream broke off ({type(e).__name__}); retry later",
+                                      self.scfg.retry_after_s)
+                yield api.sse(err.body())
+                yield api.sse("[DONE]")
+            finally:
+                if not done:
+                    gen.cancel()
+                if entry is not None:
+                    self.inflight[entry.name] -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -683,7 +786,8 @@ def start_serve(scfg: ServeConfig) -> None:
 
 
 def url_of(scfg: ServeConfig) -> str:
-    return f"http://{scfg.host}:{scfg.port}"
+    """The API's base URL (OpenAI clients append /v1/...)."""
+    return f"http://{scfg.host}:{scfg.port}{scfg.route_prefix.rstrip('/')}"
 
 
 def deploy_all(see: SEEConfig, scfg: ServeConfig, storage_uri: str, progress=print) -> dict:
@@ -702,7 +806,7 @@ def deploy_all(see: SEEConfig, scfg: ServeConfig, storage_uri: str, progress=pri
     targets.append(RunTarget(base_app(see, scfg), name=scfg.base_app, route_prefix=None))
     serve.run_many(targets, wait_for_applications_running=True)
     progress(f"model deployments running after {time.perf_counter() - t0:.0f} s; deploying the dispatcher ...")
-    serve.run(dispatcher_app(see, scfg, storage_uri), name=scfg.app_name, route_prefix="/")
+    serve.run(dispatcher_app(see, scfg, storage_uri), name=scfg.app_name, route_prefix=scfg.route_prefix)
     info = serve.get_app_handle(scfg.app_name).refresh.remote().result()
     progress(f"serving at {url_of(scfg)} ({time.perf_counter() - t0:.0f} s); sequence "
              f"{[e['name'] for e in info['sequence']]}")
@@ -763,3 +867,32 @@ def dispatcher_configs(app_name: str = "see") -> dict | None:
     if app_name not in serve.status().applications:
         return None
     return dispatcher_handle(app_name=app_name).configs.remote().result(timeout_s=60)
+
+
+def serving_running() -> bool:
+    """Is a Ray Serve controller alive on the connected cluster? (looked up by name; nothing is started)."""
+    import ray
+
+    try:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except Exception:  # ValueError: no controller; anything else (no Serve, unreachable GCS): not running either
+        return False
+
+
+def live_app_for(storage_uri: str, app_name: str = "see") -> tuple[dict | None, str]:
+    """The configs of the running SEE application ``app_name`` if it serves the registry at ``storage_uri``;
+    else None and why not. Ray must be connected. Used by the add-expert job (step 6) and the registry CLI."""
+    from .storage import Storage
+
+    if not serving_running():
+        return None, "serving is not running"
+    conf = dispatcher_configs(app_name)
+    if conf is None:
+        return None, f"Serve is running but has no SEE application {app_name!r}"
+    if Storage(conf["storage"]).uri != Storage(storage_uri).uri:
+        return None, f"the running SEE application serves the registry {conf['storage']}, not {storage_uri}"
+    return conf, "serving"
+

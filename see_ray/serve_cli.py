@@ -76,6 +76,8 @@ def cmd_serve(args) -> int:
     url = url_of(scfg)
     print(f"[serve] ready in {time.perf_counter() - t0:.0f} s: {url}/v1 (model {scfg.model_name!r}, "
           f"{len(info['sequence'])} expert(s), mode {scfg.dispatch.mode})", flush=True)
+    print(f"[serve] Ray cluster {ray.get_runtime_context().gcs_address} (`see-ray registry --address` it to "
+          "change the live sequence)", flush=True)
     print(f"SEE_RAY_SERVE_URL={url}", flush=True)
     if args.detach:
         return 0

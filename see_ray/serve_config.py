@@ -130,7 +130,13 @@ class ServeConfig(_Cfg):
 
     host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy (127.0.0.1: this machine only).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
-    app_name: str = Field("see", description="Serve application of the dispatcher (HTTP ingress at route '/').")
+    app_name: str = Field("see", description="Serve application of the dispatcher (the HTTP ingress).")
+    route_prefix: str = Field(
+        "/", pattern=r"^/([A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*)?$",
+        description="Where the API is mounted ('/': http://host:port/v1/...; '/demo': http://host:port/demo/v1/...). "
+        "One Serve proxy serves every application of a cluster, so two SEE systems on one cluster need two prefixes "
+        "(and distinct application names).",
+    )
     model_name: str = Field("see", description="The `model` name clients use for SEE routing (OpenAI API).")
     expert_app_prefix: str = Field(
         "see-expert-", description="Each expert is its own Serve application named prefix + expert name (its one "

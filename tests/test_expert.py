@@ -125,6 +125,24 @@ def test_unreachable_threshold_and_none_give_no_answers(model, queries):
     assert probs2 == pytest.approx(probs, abs=1e-6)
 
 
+def test_stream_decides_then_streams_the_same_answer(model, queries):
+    """SEEModel.stream (Serve's token streaming) = decide_and_generate on a batch of one: p first, then the
+    answer's pieces if accepted, nothing if rejected."""
+    probs = model.decide(queries, "e1")
+    thr = sorted(probs)[len(probs) // 2]
+    seen = set()
+    for q in queries:
+        p, answers = model.decide_and_generate([q], "e1", thr, MAX_NEW)
+        items = list(model.stream(q, "e1", thr, MAX_NEW))
+        assert items[0]["p"] == pytest.approx(p[0], abs=1e-6)
+        if p[0] >= thr:
+            assert "".join(i["text"] for i in items if "text" in i) == items[-1]["answer"] == answers[0]
+        else:
+            assert len(items) == 1 and answers[0] is None
+        seen.add(p[0] >= thr)
+    assert seen == {True, False}
+
+
 # -- generate ----------------------------------------------------------------------------------------
 def test_base_generate_without_any_adapter(cfg, tiny_model_path, model, queries):
     fresh = SEEModel(cfg, tiny_model_path)

@@ -111,33 +111,99 @@ def test_forced_models(served, two_tasks):
 
 
 # -- streaming ------------------------------------------------------------------------------------------
-def _sse(served, path: str, body: dict) -> list:
+def _sse(served, path: str, body: dict, times: list | None = None) -> list:
+    """The events of one SSE response; ``times`` gets each event's arrival (perf_counter) if given."""
+    import time
+
     events = []
     with httpx.stream("POST", served["url"] + path, json=body, timeout=120) as r:
-        assert r.status_code == 200
+        assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
                 data = line[len("data: "):]
                 events.append(data if data == "[DONE]" else json.loads(data))
+                if times is not None:
+                    times.append(time.perf_counter())
     return events
 
 
-def test_streaming_matches_non_streaming(served, two_tasks):
-    q = two_tasks[1].test[1]
-    msgs = [{"role": "system", "content": two_tasks[1].definition}, {"role": "user", "content": q.input}]
-    plain = post(served, "/v1/chat/completions", {"model": "see", "messages": msgs}).json()
-    events = _sse(served, "/v1/chat/completions", {"model": "see", "messages": msgs, "stream": True})
+def _pieces(events: list) -> list[str]:
+    out = []
+    for c in events[:-1]:
+        ch = c["choices"][0]
+        piece = ch["delta"].get("content") if "delta" in ch else ch["text"]
+        if piece:
+            out.append(piece)
+    return out
+
+
+def _plain_text(body: dict) -> str:
+    ch = body["choices"][0]
+    return ch["message"]["content"] if "message" in ch else ch["text"]
+
+
+STREAM_CASES = [
+    # routed by SEE to an expert (it continues after ACCEPT from its own decide pass)
+    ("/v1/chat/completions", lambda t: {"model": "see", "max_tokens": 8, "messages": [
+        {"role": "system", "content": t[1].definition}, {"role": "user", "content": t[1].test[1].input}]}),
+    # routed to the base (every expert rejects a general query)
+    ("/v1/chat/completions", lambda t: {"model": "see", "max_tokens": 12, "messages": [
+        {"role": "system", "content": "Answer the user's request."}, {"role": "user", "content": "Why is the sky blue?"}]}),
+    # forced expert and forced base, completions API
+    ("/v1/completions", lambda t: {"model": "expert1", "prompt": t[0].test[0].input, "max_tokens": 8}),
+    ("/v1/completions", lambda t: {"model": "base", "prompt": "The capital of France is", "max_tokens": 16}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(STREAM_CASES)))
+def test_streaming_matches_non_streaming(served, two_tasks, case):
+    """Token-by-token chunks concatenate to exactly the non-streamed answer; same usage, same routing."""
+    path, make = STREAM_CASES[case]
+    body = make(two_tasks)
+    plain = post(served, path, body).json()
+    events = _sse(served, path, {**body, "stream": True})
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == plain["choices"][0]["message"]["content"]
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    assert chunks[-1]["see_routing"]["expert"] == plain["see_routing"]["expert"]
+    assert all(c["object"] == ("chat.completion.chunk" if "messages" in body else "text_completion") for c in chunks)
+    pieces = _pieces(events)
+    assert "".join(pieces) == _plain_text(plain)
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert last["usage"] == plain["usage"]
+    st, pt = last["see_routing"], plain["see_routing"]
+    assert (st["expert"], st["hops"], st["forced"]) == (pt["expert"], pt["hops"], pt["forced"])
+    assert [(a["expert"], a["accepted"]) for a in st["asks"]] == [(a["expert"], a["accepted"]) for a in pt["asks"]]
+    # one chunk per generated token that adds text (not word pieces of a finished answer)
+    if plain["usage"]["completion_tokens"] >= 4:
+        assert len(pieces) >= 3, pieces
 
-    events = _sse(served, "/v1/completions", {"model": "see", "prompt": q.input, "stream": True, "max_tokens": 4})
-    assert events[-1] == "[DONE]" and "see_routing" in events[-2]
+
+def test_streaming_first_token_arrives_before_generation_ends(served):
+    """A long answer: the first piece arrives long before the last (it is sent as it is generated)."""
+    import time
+
+    body = {"model": "base", "prompt": "Tell me a long story about the sea.", "max_tokens": 200, "stream": True}
+    times: list[float] = []
+    t0 = time.perf_counter()
+    events = _sse(served, "/v1/completions", body, times)
+    texts = [i for i, c in enumerate(events[:-1]) if c["choices"][0]["text"]]
+    assert events[-2]["usage"]["completion_tokens"] >= 100, events[-2]["usage"]  # it really generated a lot
+    assert len(texts) >= 50, len(texts)
+    first, end = times[texts[0]] - t0, times[-1] - t0
+    assert first < 0.5 * end, (first, end)
+
+
+def test_streaming_applies_stop_strings_like_non_streaming(served):
+    base = {"model": "base", "prompt": "The capital of France is", "max_tokens": 16}
+    full = _plain_text(post(served, "/v1/completions", base).json())
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[2][:3]  # a stop string inside the answer (it may span token pieces)
+    plain = post(served, "/v1/completions", {**base, "stop": [stop]}).json()
+    events = _sse(served, "/v1/completions", {**base, "stop": [stop], "stream": True})
+    assert "".join(_pieces(events)) == _plain_text(plain) == full[: full.index(stop)]
+    assert events[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"] == "stop"
 
 
 # -- the official openai client -------------------------------------------------------------------------
@@ -156,9 +222,11 @@ def test_openai_client_unchanged(served, two_tasks):
     assert c.model_extra["see_routing"]["expert"] == "expert1"
     t = client.completions.create(model="base", prompt="The capital of France is", max_tokens=3)
     assert isinstance(t.choices[0].text, str) and t.usage.completion_tokens <= 3
-    stream = client.chat.completions.create(model="see", messages=[{"role": "user", "content": q.input}], stream=True)
-    pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
-    assert isinstance("".join(pieces), str)
+    msgs = [{"role": "system", "content": two_tasks[0].definition}, {"role": "user", "content": q.input}]
+    plain = client.chat.completions.create(model="base", messages=msgs, max_tokens=12)
+    stream = client.chat.completions.create(model="base", messages=msgs, max_tokens=12, stream=True)
+    pieces = [ch.choices[0].delta.content for ch in stream if ch.choices and ch.choices[0].delta.content]
+    assert "".join(pieces) == plain.choices[0].message.content and len(pieces) >= 3, pieces
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.UnprocessableEntityError):
@@ -237,3 +305,83 @@ def test_sequential_and_concurrent_identical(served, mixed_queries):
             assert run_all() == seq
     finally:
         d.set_dispatch.remote(served["scfg"].dispatch.mode, served["scfg"].dispatch.width).result()
+
+
+# -- Prometheus metrics ---------------------------------------------------------------------------------
+def _scrape(port: int) -> list:
+    """Every sample Ray's metrics agent exports on the test head (Prometheus text format)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def _sum(samples: list, name: str, **labels) -> float:
+    """Sum over the series of an application metric (Ray prefixes `ray_`; counters may get `_total` once more)."""
+    names = {f"ray_{name}", f"ray_{name}_total"}
+    return sum(s.value for s in samples if s.name in names and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_prometheus_metrics(served, ray_head, mixed_queries):
+    """The dispatcher's and replicas' metrics reach Ray's Prometheus endpoint with counts that match the traffic."""
+    import time
+
+    sent, accepts, rejects, fallbacks, hops = 0, {}, {}, 0, 0
+    for q, _ in mixed_queries:
+        tr = trace_of(chat(served, q.input, q.definition, max_tokens=3))
+        sent += 1
+        hops += tr["hops"]
+        fallbacks += tr["expert"] == "base"
+        for a in tr["asks"]:
+            d = accepts if a["accepted"] else rejects
+            d[a["expert"]] = d.get(a["expert"], 0) + 1
+    assert fallbacks and accepts and rejects, (fallbacks, accepts, rejects)  # the traffic covers every path
+
+    def ok(m) -> list[str]:
+        """What is still missing (Ray exports application metrics every few seconds; counts are cumulative
+        over the session, so they are at least what this test sent)."""
+        missing = []
+        if _sum(m, "see_requests_total", endpoint="chat", model="see") < sent:
+            missing.append("requests")
+        for e, n in accepts.items():
+            if _sum(m, "see_expert_decisions_total", expert=e, decision="accept") < n:
+                missing.append(f"accepts {e}")
+        for e, n in rejects.items():
+            if _sum(m, "see_expert_decisions_total", expert=e, decision="reject") < n:
+                missing.append(f"rejects {e}")
+        if _sum(m, "see_fallbacks_total") < fallbacks:
+            missing.append("fallbacks")
+        if _sum(m, "see_hops_count") < sent or _sum(m, "see_hops_sum") < hops:
+            missing.append("hops")
+        if _sum(m, "see_request_ms_count", endpoint="chat") < sent:
+            missing.append("request latency")
+        for e in set(accepts) | set(rejects):
+            if _sum(m, "see_hop_ms_count", expert=e) < accepts.get(e, 0) + rejects.get(e, 0):
+                missing.append(f"hop latency {e}")
+            if _sum(m, "see_replica_decide_ms_count", expert=e) < 1:
+                missing.append(f"replica decide latency {e}")
+        if _sum(m, "see_base_generate_ms_count") < fallbacks:
+            missing.append("base generate latency")
+        return missing
+
+    deadline = time.monotonic() + 120
+    while True:
+        m = _scrape(ray_head["metrics_port"])
+        missing = ok(m)
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"metrics still missing after 120 s: {missing}"
+        time.sleep(2)
+
+    # plausible, not just present
+    n_hops = _sum(m, "see_hops_count")
+    assert _sum(m, "see_hops_sum") / n_hops <= len(served["experts"])  # never more hops than experts
+    for e in set(accepts) | set(rejects):
+        decided = sum(_sum(m, "see_expert_decisions_total", expert=e, decision=d) for d in ("accept", "reject", "forced"))
+        assert decided <= _sum(m, "see_hop_ms_count", expert=e)  # every decision was a timed hop
+        mean_ms = _sum(m, "see_hop_ms_sum", expert=e) / _sum(m, "see_hop_ms_count", expert=e)
+        assert 0.1 < mean_ms < 30_000, mean_ms
+    buckets = sorted((float(s.labels["le"]), s.value) for s in m
+                     if s.name == "ray_see_request_ms_bucket" and s.labels.get("endpoint") == "chat")
+    assert buckets and all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))  # cumulative buckets
+    assert buckets[-1][1] == _sum(m, "see_request_ms_count", endpoint="chat")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from see_ray.demo import antonyms_task
+from see_ray.demo import antonyms_task, write_task_folder
 
 from conftest import tiny_overrides
 
@@ -63,21 +63,9 @@ def replicas(app: str, deployment: str) -> int:
     return sum(n for k, n in st.deployments[deployment].replica_states.items() if str(getattr(k, "value", k)) == "RUNNING")
 
 
-def write_task(task, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "train.jsonl", "w") as f:
-        for x in task.train:
-            f.write(json.dumps({"input": x.input, "output": x.outputs[0]}) + "\n")
-    with open(folder / "dev.jsonl", "w") as f:
-        for x in task.dev:
-            f.write(json.dumps({"input": x.input, "output": x.outputs[0]}) + "\n")
-    (folder / "definition.txt").write_text(task.definition)
-    return folder
-
-
 def test_live_add_by_job_under_load_then_used(served, ray_head, two_tasks, tmp_path):
     task = antonyms_task(n=80, n_dev=12, n_test=12)
-    folder = write_task(task, tmp_path / "antonyms")
+    folder = write_task_folder(task, tmp_path / "antonyms")
     arith, shout = two_tasks
     bodies = [chat_body(x.input, arith.definition) for x in arith.test[:3]]
     bodies += [chat_body(x.input, shout.definition) for x in shout.test[:3]]
@@ -146,20 +134,56 @@ def test_autoscaling_one_busy_expert(served):
         time.sleep(2)
 
 
-def test_disable_takes_expert_out_then_tears_down(served):
-    """Disable in the registry, then remove_expert_live: out of the sequence first, deployment deleted after;
-    enable + add_expert_live brings it back. Runs last (it changes the served sequence)."""
+def registry_cli(served, ray_head, *args: str) -> subprocess.CompletedProcess:
+    """`see-ray registry ... --address` as a user runs it: its own process, connecting to the serving cluster."""
+    cmd = [sys.executable, "-m", "see_ray.cli", "registry", "--storage", served["storage"],
+           "--address", ray_head["address"], "--app", served["scfg"].app_name, *args]
+    out = subprocess.run(cmd, env=ray_head["env"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def test_registry_cli_disable_enable_remove_live(served, ray_head, two_tasks):
+    """`see-ray registry disable/remove NAME` take the expert out of the live sequence first, then tear its
+    deployment down (zero failed requests from a client loop that asks it on every request), and `enable` brings
+    it back. Runs last (it changes the served sequence)."""
     from ray import serve
 
-    from see_ray.serve import add_expert_live, remove_expert_live
+    scfg = served["scfg"]
+    app = scfg.expert_app("expert2")
+    shout = two_tasks[1]
+    loop = ClientLoop(served["url"], [chat_body(x.input, shout.definition) for x in shout.test[:3]], max_s=300)
+    loop.start()
+    try:
+        time.sleep(2)
+        n_before = len(loop.experts)
+        out = registry_cli(served, ray_head, "disable", "expert2")
+        n_after = len(loop.experts)
+        assert "taken out of the sequence" in out.stdout, out.stdout
+        assert app not in serve.status().applications
+        seq = [e["name"] for e in httpx.get(served["url"] + "/v1/experts", timeout=30).json()["sequence"]]
+        assert "expert2" not in seq
+        time.sleep(3)  # requests after the teardown, too
+        n_while_disabled = len(loop.experts)
 
-    reg, scfg = served["registry"], served["scfg"]
-    reg.disable("expert2")
-    info = remove_expert_live("expert2", scfg.app_name)
-    assert "expert2" not in [e["name"] for e in info["sequence"]]
-    assert scfg.expert_app("expert2") not in serve.status().applications
-    tr = httpx.post(served["url"] + "/v1/route", json={"prompt": "apple river stone"}, timeout=60).json()
+        out = registry_cli(served, ray_head, "enable", "expert2")
+        assert "put into the sequence" in out.stdout, out.stdout
+        seq = [e["name"] for e in httpx.get(served["url"] + "/v1/experts", timeout=30).json()["sequence"]]
+        assert "expert2" in seq and app in serve.status().applications
+        time.sleep(2)
+
+        out = registry_cli(served, ray_head, "remove", "expert2")
+        assert "taken out of the sequence" in out.stdout, out.stdout
+        time.sleep(2)
+    finally:
+        loop.stop.set()
+        loop.join(timeout=180)
+    assert loop.ok > 0 and loop.failures == [], loop.failures[:5]
+    # while it was out, nobody asked it; after removal likewise
+    tr = httpx.post(served["url"] + "/v1/route", json={"prompt": shout.test[0].input}, timeout=60).json()
     assert "expert2" not in [a["expert"] for a in tr["asks"]]
-    reg.enable("expert2")
-    info = add_expert_live("expert2", scfg.app_name)
-    assert "expert2" in [e["name"] for e in info["sequence"]]
+    assert app not in serve.status().applications
+    assert served["registry"].load().find("expert2") is None
+    # it answered before it was disabled (it owns these queries), and not once between its teardown and enable
+    assert "expert2" in loop.experts[:n_before], loop.experts[:n_before]
+    assert loop.experts[n_after + 1 : n_while_disabled] and "expert2" not in loop.experts[n_after + 1 : n_while_disabled]
