@@ -5,6 +5,7 @@
     see-ray config                    print the default configuration as YAML
     see-ray registry ...              inspect and edit the expert registry
     see-ray serve                     serve the registry's experts over an OpenAI-compatible HTTP API
+    see-ray status                    expert sequence, deployments and replicas, storage, dashboard URL
 
 Every command takes ``--config FILE.yaml`` and repeated ``--set section.field=value`` overrides.
 """
@@ -188,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .registry_cli import add_registry_subcommands
     from .serve_cli import add_serve_subcommands
 
+    from .status import add_status_subcommand
+
     add_registry_subcommands(sub)
     add_serve_subcommands(sub)
+    add_status_subcommand(sub)
     return ap
 
 

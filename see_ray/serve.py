@@ -35,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from . import api
@@ -190,9 +191,13 @@ class ExpertDeployment(_ModelReplica):
         self.adapter = rec.name
         self.record = rec
         scfg = ServeConfig.model_validate(serve_cfg)
-        self._setup(see_cfg, serve_cfg, scfg.expert.threads)
-        path = Registry(storage_uri).adapter_path(rec)  # materialized locally and hash-checked
+        self._setup(see_cfg, serve_cfg, scfg.expert_settings(rec.name).threads)
+        # From the storage URI, on whichever node this replica runs: the folder itself on a shared file
+        # system, a downloaded copy from an object store; hash-checked against the record either way.
+        path = Registry(storage_uri).adapter_path(rec)
         self.model.load_adapter(rec.name, path)
+        self.adapter_path = str(path)
+        self.fingerprint = model_fingerprint(record, storage_uri, see_cfg, serve_cfg)
 
     def _ask_batch(self, reqs: list[dict]) -> list[dict]:
         out: list[dict] = [{}] * len(reqs)
@@ -232,8 +237,12 @@ class ExpertDeployment(_ModelReplica):
         return await self._run(run)
 
     def info(self) -> dict:
+        import ray
+
         return {"name": self.record.name, "version": self.record.version, "task": self.record.task,
-                "threshold": self.record.threshold, "pid": os.getpid()}
+                "threshold": self.record.threshold, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "fingerprint": self.fingerprint,
+                "adapter_path": self.adapter_path}
 
 
 @serve.deployment(name=BASE_DEPLOYMENT, max_ongoing_requests=16, health_check_period_s=10)
@@ -243,9 +252,13 @@ class BaseDeployment(_ModelReplica):
     def __init__(self, see_cfg: dict, serve_cfg: dict):
         scfg = ServeConfig.model_validate(serve_cfg)
         self._setup(see_cfg, serve_cfg, scfg.base.threads)
+        self.fingerprint = model_fingerprint(None, None, see_cfg, serve_cfg)
 
     def info(self) -> dict:
-        return {"name": BASE, "pid": os.getpid()}
+        import ray
+
+        return {"name": BASE, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "fingerprint": self.fingerprint}
 
 
 # == dispatcher ============================================================================================
@@ -313,6 +326,11 @@ class Dispatcher:
 
         self.cfg = SEEConfig.model_validate(see_cfg)
         self.scfg = ServeConfig.model_validate(serve_cfg)
+        app = serve.get_replica_context().app_name
+        if app != self.scfg.app_name:  # a Serve config file named the application differently
+            raise ValueError(f"the SEE application is deployed as {app!r} but its serve settings say app_name="
+                             f"{self.scfg.app_name!r}: make them equal (serve_set: ['app_name={app}']); jobs and "
+                             "`see-ray status` find the application by that name")
         self.storage_uri = storage_uri
         self.registry = Registry(storage_uri)
         self.mode, self.width = self.scfg.dispatch.mode, self.scfg.dispatch.width
@@ -752,8 +770,21 @@ def _dump(cfg) -> dict:
     return json.loads(cfg.model_dump_json())
 
 
+def model_fingerprint(record: dict | None, storage_uri: str | None, see_cfg: dict, serve_cfg: dict) -> str:
+    """What a model replica was built from: the record (None: the base), storage, SEE config and the parts of
+    the serve config a model replica uses (its replica settings and batching). ``build_app`` leaves a running
+    model application alone when this is unchanged, so that re-applying a Serve config restarts nothing."""
+    import hashlib
+
+    scfg = ServeConfig.model_validate(serve_cfg)
+    replica = scfg.base if record is None else scfg.expert_settings(record["name"])
+    doc = {"record": record, "storage": storage_uri, "see": see_cfg,
+           "replica": _dump(replica), "batch": _dump(scfg.batch)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def expert_app(rec, see: SEEConfig, scfg: ServeConfig, storage_uri: str):
-    r = scfg.expert
+    r = scfg.expert_settings(rec.name)
     return ExpertDeployment.options(
         name=rec.name,
         ray_actor_options=r.actor_options(),
@@ -790,27 +821,100 @@ def url_of(scfg: ServeConfig) -> str:
     return f"http://{scfg.host}:{scfg.port}{scfg.route_prefix.rstrip('/')}"
 
 
-def deploy_all(see: SEEConfig, scfg: ServeConfig, storage_uri: str, progress=print) -> dict:
-    """Deploy the registry's active experts, the base and the dispatcher (all applications at once)."""
+def _running_fingerprint(app: str, deployment: str) -> str | None:
+    """The fingerprint a RUNNING model application reports (None: absent, not running, or not answering)."""
+    st = serve.status().applications.get(app)
+    if st is None or str(getattr(st.status, "value", st.status)) != "RUNNING":
+        return None
+    try:
+        return serve.get_deployment_handle(deployment, app).info.remote().result(timeout_s=30).get("fingerprint")
+    except Exception:  # a replica that cannot answer is redeployed
+        return None
+
+
+def deploy_models(see: SEEConfig, scfg: ServeConfig, storage_uri: str, progress=print,
+                  keep_unchanged: bool = False) -> list[str]:
+    """Deploy the registry's active experts and the base, each as its own application, and wait until they
+    run. ``keep_unchanged``: leave applications alone whose replicas were built from the same inputs
+    (``model_fingerprint``). Returns the applications (re)deployed."""
     from ray.serve import RunTarget
 
     from .registry import Registry
 
-    registry = Registry(storage_uri)
-    recs = [r for r in registry.list() if r.status == "active"]
+    recs = [r for r in Registry(storage_uri).list() if r.status == "active"]
+    see_d, scfg_d = _dump(see), _dump(scfg)
+    wanted = [(scfg.expert_app(r.name), r.name, model_fingerprint(r.model_dump(mode="json"), storage_uri, see_d, scfg_d),
+               lambda r=r: expert_app(r, see, scfg, storage_uri)) for r in recs]
+    wanted.append((scfg.base_app, BASE_DEPLOYMENT, model_fingerprint(None, None, see_d, scfg_d),
+                   lambda: base_app(see, scfg)))
+    targets, kept = [], []
+    for app, dep, fp, make in wanted:
+        if keep_unchanged and _running_fingerprint(app, dep) == fp:
+            kept.append(app)
+        else:
+            targets.append(RunTarget(make(), name=app, route_prefix=None))
+    t0 = time.perf_counter()
+    progress(f"deploying {len(recs)} expert(s) {[r.name for r in recs]} and the base model"
+             + (f" (unchanged, kept running: {kept})" if kept else "") + " ...")
+    if targets:
+        serve.run_many(targets, wait_for_applications_running=True)
+    progress(f"model deployments running after {time.perf_counter() - t0:.0f} s")
+    return [t.name for t in targets]
+
+
+def deploy_all(see: SEEConfig, scfg: ServeConfig, storage_uri: str, progress=print) -> dict:
+    """Deploy the registry's active experts, the base and the dispatcher (all applications at once)."""
     start_serve(scfg)
     t0 = time.perf_counter()
-    progress(f"deploying {len(recs)} expert(s) {[r.name for r in recs]} and the base model ...")
-    targets = [RunTarget(expert_app(r, see, scfg, storage_uri), name=scfg.expert_app(r.name), route_prefix=None)
-               for r in recs]
-    targets.append(RunTarget(base_app(see, scfg), name=scfg.base_app, route_prefix=None))
-    serve.run_many(targets, wait_for_applications_running=True)
-    progress(f"model deployments running after {time.perf_counter() - t0:.0f} s; deploying the dispatcher ...")
+    deploy_models(see, scfg, storage_uri, progress)
+    progress("deploying the dispatcher ...")
     serve.run(dispatcher_app(see, scfg, storage_uri), name=scfg.app_name, route_prefix=scfg.route_prefix)
     info = serve.get_app_handle(scfg.app_name).refresh.remote().result()
     progress(f"serving at {url_of(scfg)} ({time.perf_counter() - t0:.0f} s); sequence "
              f"{[e['name'] for e in info['sequence']]}")
     return info
+
+
+class AppArgs(BaseModel):
+    """``args`` of the SEE application in a Serve config file (``import_path: see_ray.serve:build_app``).
+
+    Paths are read where the application is built, i.e. on the cluster: ship the files in the image or the
+    application's ``runtime_env``, or give everything as overrides.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: str | None = Field(
+        None, description="Registry storage URI every node can reach (s3://, gs://, an NFS path, file://...). "
+        "None: serve.storage, else $SEE_RAY_STORAGE on the cluster, else ~/see-ray-storage.")
+    config: str | None = Field(None, description="YAML with SEE config sections (model, routing, ...).")
+    set: list[str] = Field(default_factory=list, description="SEE config overrides, 'section.field=value'.")
+    serve_config: str | None = Field(None, description="YAML with the serve settings (see_ray/serve_config.py).")
+    serve_set: list[str] = Field(
+        default_factory=list, description="Serve config overrides, 'field=value' (e.g. 'expert.num_gpus=1').")
+
+
+def build_app(args: AppArgs):
+    """Serve application builder for config files (``serve deploy``, KubeRay's ``serveConfigV2``).
+
+    Builds the configs from ``args``, deploys the registry's experts and the base as their own applications
+    (the same layout and code as ``deploy_all``; unchanged running ones are kept, so re-applying a config
+    restarts nothing) and waits until they run, then returns the dispatcher application, which Serve deploys
+    under the config's name and route_prefix. Those must equal ``app_name`` / ``route_prefix`` of the serve
+    settings (the dispatcher refuses to start otherwise): jobs find the application by that name.
+    Waiting here keeps the SEE application DEPLOYING until its experts can answer, so a RayService switches
+    traffic to a new cluster only once the whole sequence is up.
+    """
+    from .storage import Storage, default_storage_uri
+
+    if isinstance(args, dict):  # Serve validates against the annotation; direct callers may pass a dict
+        args = AppArgs.model_validate(args)
+    see = SEEConfig.from_yaml(args.config, args.set)
+    scfg = ServeConfig.from_yaml(args.serve_config, args.serve_set)
+    storage = Storage(args.storage or scfg.storage or default_storage_uri()).uri
+    scfg.storage = storage
+    deploy_models(see, scfg, storage, progress=log.info, keep_unchanged=True)
+    return dispatcher_app(see, scfg, storage)
 
 
 def dispatcher_handle(scfg: ServeConfig | None = None, app_name: str | None = None):

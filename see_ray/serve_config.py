@@ -61,6 +61,12 @@ class ReplicaSettings(_Cfg):
         0.25, ge=0, description="CPUs each replica reserves in Ray (a fraction locally; scheduling only)."
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs each replica reserves (1 on GPU clusters).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica reserves, e.g. {see_gpu_a100: 1}: replicas are placed only "
+        "on nodes started with that resource (`ray start --resources`, a node type's `resources` in "
+        "ray-cluster.yaml, rayStartParams in KubeRay). Pins experts to node groups.",
+    )
     threads: int = Field(
         1, ge=1, description="torch intra-op threads (and OMP_NUM_THREADS) inside each replica. Keep the sum "
         "over replicas near the core count: oversubscription made forward passes 150x slower here."
@@ -80,7 +86,18 @@ class ReplicaSettings(_Cfg):
         }
         if self.num_gpus:
             opts["num_gpus"] = self.num_gpus
+        if self.resources:
+            opts["resources"] = dict(self.resources)
         return opts
+
+    @model_validator(mode="after")
+    def _check_resources(self) -> "ReplicaSettings":
+        for k, v in self.resources.items():
+            if k in ("CPU", "GPU", "memory"):  # Ray refuses these in `resources`; say which field to use
+                raise ValueError(f"resources.{k}: use num_cpus / num_gpus for {k}, `resources` is for custom ones")
+            if v < 0:
+                raise ValueError(f"resources.{k}: must be >= 0, got {v}")
+        return self
 
 
 class BatchSettings(_Cfg):
@@ -145,6 +162,12 @@ class ServeConfig(_Cfg):
     base_app: str = Field("see-base", description="Serve application of the base model (fallback).")
     storage: str | None = Field(None, description="Registry storage root (None: $SEE_RAY_STORAGE or the default).")
     expert: ReplicaSettings = Field(default_factory=ReplicaSettings, description="Every expert deployment.")
+    per_expert: dict[str, ReplicaSettings] = Field(
+        default_factory=dict,
+        description="Settings for named experts: the fields given override `expert`'s for that expert (a hot "
+        "expert with more replicas, an expert pinned to a node group through `resources`). Experts not named "
+        "here use `expert`.",
+    )
     base: ReplicaSettings = Field(default_factory=ReplicaSettings, description="The base-model deployment.")
     dispatcher_num_cpus: float = Field(0.1, ge=0, description="CPUs the (lightweight) dispatcher reserves.")
     dispatcher_replicas: int = Field(1, ge=1, description="Dispatcher replicas (it holds no model).")
@@ -153,6 +176,22 @@ class ServeConfig(_Cfg):
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits.")
     retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with 503 responses.")
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may take inside the dispatcher.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_per_expert(cls, data: Any) -> Any:
+        """``per_expert.<name>`` gives only what differs; complete each entry from ``expert``."""
+        if not isinstance(data, dict) or not isinstance(data.get("per_expert"), dict):
+            return data
+        base = data.get("expert") or {}
+        if isinstance(base, BaseModel):
+            base = base.model_dump()
+        merged = {}
+        for name, over in data["per_expert"].items():
+            if isinstance(over, BaseModel):
+                over = over.model_dump()
+            merged[name] = _deep_merge(base, over) if isinstance(over, dict) else over  # non-dicts: pydantic says why
+        return {**data, "per_expert": merged}
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "ServeConfig":
@@ -168,3 +207,14 @@ class ServeConfig(_Cfg):
 
     def expert_app(self, name: str) -> str:
         return self.expert_app_prefix + name
+
+    def expert_settings(self, name: str) -> ReplicaSettings:
+        """The replica settings of expert ``name``: its ``per_expert`` entry, else ``expert``."""
+        return self.per_expert.get(name, self.expert)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

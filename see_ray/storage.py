@@ -1,9 +1,11 @@
 """Where the registry, adapters and training runs live: one storage root, addressed by a URI.
 
 The root is a local folder by default (``$SEE_RAY_STORAGE`` or ``~/see-ray-storage``) and, in a cluster, any
-URI that ``pyarrow.fs`` understands (``s3://bucket/prefix``, ``gs://bucket/prefix``, an NFS mount path,
-``hdfs://...``). pyarrow comes with Ray, and Ray Train's ``RunConfig(storage_path=...)`` accepts the very same
-URIs, so one string configures both.
+URI that ``pyarrow.fs`` understands (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``file:///nfs/see``, an NFS
+mount path, ``hdfs://...``). pyarrow comes with Ray, and Ray Train's ``RunConfig(storage_path=...)`` accepts the
+very same URIs, so one string configures both. URIs pyarrow does not know are opened through fsspec (any
+installed fsspec implementation: ``az://`` with adlfs, ``memory://`` in tests, ...) wrapped in pyarrow's
+``PyFileSystem(FSSpecHandler(...))``, the adapter Ray documents for custom file systems.
 
 Two guarantees matter to the registry and are provided here:
 - ``write_text_atomic``: readers see the old content or the new one, never a mix. On a file system (local or
@@ -50,14 +52,17 @@ class Storage:
         uri = uri or default_storage_uri()
         if filesystem is not None:  # tests (pyarrow's in-memory mock store) and callers with credentials
             self.fs, root = filesystem, uri.split("://", 1)[-1]
+            self.native = False
         else:
             if not is_uri(uri):
                 # Relative local paths would land in a Ray job's temporary working directory and vanish.
                 uri = str(Path(uri).expanduser().resolve())
             try:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
+                self.native = True
             except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError for bad URIs
-                raise StorageError(f"storage {uri!r}: not a URI pyarrow supports ({e})") from None
+                self.fs, root = _fsspec_filesystem(uri, e)
+                self.native = False
         self.uri = uri.rstrip("/") if uri != "/" else uri
         self.root = root.rstrip("/") or "/"
         # Local (and NFS, which the kernel presents as local) file systems have atomic rename and POSIX
@@ -79,6 +84,14 @@ class Storage:
         """Full URI (or absolute local path) of a root-relative path: what records store."""
         rel = rel.strip("/")
         return f"{self.uri}/{rel}" if rel else self.uri
+
+    def for_ray_train(self, rel: str) -> tuple[str, pafs.FileSystem | None]:
+        """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: the URI itself when pyarrow
+        resolves it (every node resolves it again, with its own credentials), else the path inside the
+        fsspec-backed file system object, which Ray ships to the workers."""
+        if self.native:
+            return self.uri_of(rel), None
+        return self.path(rel), self.fs
 
     def local_path(self, rel: str = "") -> Path:
         if not self.is_local:
@@ -203,6 +216,18 @@ class Storage:
             return p
         dest = Path(cache_dir or tempfile.mkdtemp(prefix="see-adapter-")) / uuid.uuid4().hex[:8]
         return self.download_dir(rel, dest)
+
+
+def _fsspec_filesystem(uri: str, pyarrow_error: Exception) -> tuple[pafs.FileSystem, str]:
+    try:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+    except Exception as e:  # ValueError: unknown protocol; ImportError: its package is not installed
+        raise StorageError(
+            f"storage {uri!r}: not a URI pyarrow or fsspec supports (pyarrow: {pyarrow_error}; fsspec: {e})"
+        ) from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), root
 
 
 def _fsync_dir(path: Path) -> None:

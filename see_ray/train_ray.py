@@ -304,6 +304,8 @@ def train_on_ray(
 
     storage = storage if isinstance(storage, Storage) else Storage(storage or default_storage_uri())
     storage_path = rt.storage_path or storage.uri_of("runs")
+    # A URI pyarrow resolves goes to Ray as is; an fsspec-only one as (path, file system object).
+    ray_storage_path, ray_storage_fs = Storage(storage_path).for_ray_train("")
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
     # One row per example, serialized: a plain string column keeps the Dataset schema trivial.
@@ -336,7 +338,8 @@ def train_on_ray(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=ray_storage_path,
+            storage_filesystem=ray_storage_fs,
             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=rt.keep_checkpoints),
             callbacks=[_metrics_printer_cls()(name, see.training.steps, storage_path, run_name)],
