@@ -556,15 +556,20 @@ class Dispatcher:
     # -- HTTP -----------------------------------------------------------------------------------------
     async def _body(self, request: Request, model_cls):
         self._ensure_poller()
-        n = request.headers.get("content-length")
-        if n is not None and n.isdigit() and int(n) > self.scfg.limits.max_body_bytes:
-            raise APIError(413, f"request body of {n} bytes exceeds {self.scfg.limits.max_body_bytes}",
-                           code="body_too_large")
-        return api.parse_body(await request.body(), model_cls, self.scfg.limits)
+        try:  # refused before `_guard` runs: counted here, so that see_errors_total sees every 4xx
+            n = request.headers.get("content-length")
+            if n is not None and n.isdigit() and int(n) > self.scfg.limits.max_body_bytes:
+                raise APIError(413, f"request body of {n} bytes exceeds {self.scfg.limits.max_body_bytes}",
+                               code="body_too_large")
+            return api.parse_body(await request.body(), model_cls, self.scfg.limits)
+        except APIError as e:
+            self.m_errors.inc(1, {"status": str(e.status)})
+            raise
 
     def _check_model(self, model: str) -> None:
         known = {self.scfg.model_name, BASE, *(e.name for e in self.seq)}
         if model not in known:
+            self.m_errors.inc(1, {"status": "400"})
             raise APIError(400, f"unknown model {model!r}; available: {sorted(known)}", param="model",
                            code="model_not_found")
 
