@@ -216,6 +216,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, include_
 METRICS_FILE = "see_metrics.json"
 
 
+def progress_line(label: str, steps: int, m: dict) -> str | None:
+    """One line for a report of rank 0 (a step's loss, or the final figures); None for other reports."""
+    if "loss" in m:
+        return f"[train {label}] step {m.get('step')}/{steps} loss {m['loss']:.4f} tokens/s {m.get('tokens_per_s', 0):.0f}"
+    if "final_loss" in m:
+        return (f"[train {label}] done: {m.get('steps')} steps in {m.get('train_s', 0):.1f} s, "
+                f"final loss {m['final_loss']:.4f}, tokens/s {m.get('tokens_per_s', 0):.0f}")
+    return None
+
+
 def _metrics_printer_cls():
     from ray.train import UserCallback
 
@@ -231,27 +241,17 @@ def _metrics_printer_cls():
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
-            if "loss" in m:
-                line = (
-                    f"[train {self.label}] step {m.get('step')}/{self.steps} loss {m['loss']:.4f} "
-                    f"tokens/s {m.get('tokens_per_s', 0):.0f}"
-                )
-            elif "final_loss" in m:
-                line = (
-                    f"[train {self.label}] done: {m.get('steps')} steps in {m.get('train_s', 0):.1f} s, "
-                    f"final loss {m['final_loss']:.4f}, tokens/s {m.get('tokens_per_s', 0):.0f}"
-                )
-            else:
+            line = progress_line(self.label, self.steps, m)
+            if line is None:
                 return
             print(line, flush=True)
             self.history.append({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))})
-            if "final_loss" in m:
-                try:
-                    Storage(self.storage_uri).write_text_atomic(
-                        f"{self.run_name}/{METRICS_FILE}", json.dumps(self.history)
-                    )
-                except Exception as e:  # metrics are a convenience: never fail a run over them
-                    print(f"[train {self.label}] could not write {METRICS_FILE}: {e}", flush=True)
+            # Written at every report (a few hundred bytes), not only at the end: a driver that does not
+            # forward worker logs (the demo) follows the run's progress from this file.
+            try:
+                Storage(self.storage_uri).write_text_atomic(f"{self.run_name}/{METRICS_FILE}", json.dumps(self.history))
+            except Exception as e:  # metrics are a convenience: never fail a run over them
+                print(f"[train {self.label}] could not write {METRICS_FILE}: {e}", flush=True)
 
     return MetricsPrinter
 
