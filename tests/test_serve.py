@@ -349,7 +349,7 @@ def test_prometheus_metrics(served, ray_head, mixed_queries):
     # (unchanged for longer than an export period), so the deltas below are this test's traffic alone.
     deadline = time.monotonic() + 120
     base, since = _metric_values(_scrape(port), keys), time.monotonic()
-    while time.monotonic() - since < 12:
+    while time.monotonic() - since < 15:  # > the 10 s export period (ray._config.metrics_report_interval_ms)
         assert time.monotonic() < deadline, "metrics export never settled"
         time.sleep(1)
         now = _metric_values(_scrape(port), keys)
