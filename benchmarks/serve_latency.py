@@ -54,6 +54,33 @@ def make_adapter(cfg, model_path: str, out: Path) -> Path:
     return out
 
 
+def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None):
+    """(SEEConfig, model path) of the tiny random Llama (real tokenizer) or the real SmolLM2-135M."""
+    from see_ray.config import SEEConfig
+    from see_ray.model import build_tiny_model, cache_root, resolve_model_path
+
+    if kind == "tiny":
+        mp = str(build_tiny_model(cache_root() / "test-models" / "tiny-llama-v1"))
+        cfg = SEEConfig.from_yaml(None, [f"model.name_or_path={mp}", "model.max_prompt_tokens=64", "lora.r=16",
+                                         "lora.alpha=32", f"routing.max_new_tokens={max_tokens}", *overrides or []])
+        return cfg, mp
+    cfg = SEEConfig.from_yaml(None, [f"routing.max_new_tokens={max_tokens}", *overrides or []])
+    return cfg, resolve_model_path(cfg.model)
+
+
+def bench_registry(cfg, work: Path, adapter: Path, n: int = 8):
+    """A registry of experts e1..en sharing one adapter, all rejecting (threshold 1.0). Returns it and the names."""
+    from see_ray.registry import BaseModelIdentity, Indicators, NewExpert, Registry
+
+    registry = Registry(str(work / "registry"))
+    names = [f"e{i}" for i in range(1, n + 1)]
+    for name in names:
+        registry.add(NewExpert(name=name, task=name, adapter_dir=str(adapter), threshold=1.0,
+                               base_model=BaseModelIdentity(name_or_path=cfg.model.name_or_path, fingerprint="bench"),
+                               indicators=Indicators(accept=cfg.indicators.accept, reject=cfg.indicators.reject)))
+    return registry, names
+
+
 def set_owner(registry, owner: str | None, active: list[str]) -> None:
     """Thresholds that make ``owner`` accept everything and the other experts reject everything; only the
     experts in ``active`` stay enabled. Benchmark-only: writes the registry document directly."""
@@ -78,31 +105,17 @@ def main() -> int:
     import torch
     from ray import serve
 
-    from see_ray.config import SEEConfig
     from see_ray.expert import SEEModel
-    from see_ray.model import build_tiny_model, cache_root, resolve_model_path
     from see_ray.prompts import Query
-    from see_ray.registry import BaseModelIdentity, Indicators, NewExpert, Registry
     from see_ray.serve import deploy_all
     from see_ray.serve_config import ServeConfig
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    if args.model == "tiny":
-        mp = str(build_tiny_model(cache_root() / "test-models" / "tiny-llama-v1"))
-        cfg = SEEConfig.from_yaml(None, [f"model.name_or_path={mp}", "model.max_prompt_tokens=64", "lora.r=16",
-                                         "lora.alpha=32", f"routing.max_new_tokens={args.max_tokens}"])
-    else:
-        cfg = SEEConfig.from_yaml(None, [f"routing.max_new_tokens={args.max_tokens}"])
-        mp = resolve_model_path(cfg.model)
+    cfg, mp = bench_model(args.model, args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="see-serve-bench-"))
     adapter = make_adapter(cfg, mp, work / "adapter")
-    registry = Registry(str(work / "registry"))
-    names = [f"e{i}" for i in range(1, 9)]
-    for n in names:
-        registry.add(NewExpert(name=n, task=n, adapter_dir=str(adapter), threshold=1.0,
-                               base_model=BaseModelIdentity(name_or_path=cfg.model.name_or_path, fingerprint="bench"),
-                               indicators=Indicators(accept=cfg.indicators.accept, reject=cfg.indicators.reject)))
+    registry, names = bench_registry(cfg, work, adapter)
     scfg = ServeConfig.from_yaml(None, [
         f"port={args.port}", "dispatch.registry_poll_s=1", "expert.autoscaling.max_replicas=1",
         "base.autoscaling.max_replicas=1", "expert.num_cpus=0.2", "batch.max_batch_size=16", "batch.wait_s=0.005",

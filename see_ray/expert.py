@@ -65,10 +65,12 @@ def check_adapter_folder(path: str | Path) -> Path:
 class SEEModel:
     """The base model and its adapters in one process."""
 
-    def __init__(self, cfg: SEEConfig, model_path: str | None = None, batch_size: int = 16):
+    def __init__(self, cfg: SEEConfig, model_path: str | None = None, batch_size: int = 16, base=None):
+        """``base``: a ready (model, tokenizer) pair, e.g. built around weights shared between the replicas
+        of a node (shared_weights.py); by default this process loads a private copy."""
         self.cfg = cfg
         self.model_path = model_path or resolve_model_path(cfg.model)
-        self.base, self.tokenizer = load_base_model(cfg.model, self.model_path)
+        self.base, self.tokenizer = base if base is not None else load_base_model(cfg.model, self.model_path)
         self.encoder = PromptEncoder(self.tokenizer, cfg.indicators, cfg.model.max_prompt_tokens)
         self.peft = None  # becomes a PeftModel when the first adapter is loaded
         self.adapters: dict[str, str] = {}

@@ -148,11 +148,17 @@ def load_base_model(cfg: ModelConfig, path: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
     except OSError as e:
         raise ModelNotFoundError(f"model.name_or_path: cannot load model from {path!r}: {e}") from None
+    return freeze_base(model, tok), tok
+
+
+def freeze_base(model, tok):
+    """What makes a loaded model SEE's base: eval mode, no grads, a pad id for batched generation. Used for
+    the private copy above and for the model built around shared weights (shared_weights.py)."""
     model.eval()
     model.requires_grad_(False)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return model
 
 
 def fingerprint(path: str) -> str:
@@ -169,7 +175,10 @@ def fingerprint(path: str) -> str:
     )
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     if cached.exists():
-        data = json.loads(cached.read_text())
+        try:
+            data = json.loads(cached.read_text())
+        except (OSError, ValueError):  # half-written by a concurrent first run: recompute
+            data = {}
         if data.get("stamp") == stamp:
             return data["sha256"]
     h = hashlib.sha256()
@@ -179,8 +188,10 @@ def fingerprint(path: str) -> str:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     digest = h.hexdigest()
-    try:
-        cached.write_text(json.dumps({"sha256": digest, "stamp": stamp}))
+    try:  # atomically: replicas starting together on a node all fingerprint the same folder
+        tmp = p / f".{FINGERPRINT_FILE}.{os.getpid()}"
+        tmp.write_text(json.dumps({"sha256": digest, "stamp": stamp}))
+        os.replace(tmp, cached)
     except OSError:  # read-only model folders are fine, we just recompute next time
         pass
     return digest

@@ -71,10 +71,19 @@ class _ModelReplica:
         torch.set_num_threads(threads)  # STACK-NOTES gotcha 4
         os.environ["OMP_NUM_THREADS"] = str(threads)
         from .expert import SEEModel
+        from .model import resolve_model_path
 
         self.cfg = SEEConfig.model_validate(see_cfg)
         self.scfg = ServeConfig.model_validate(serve_cfg)
-        self.model = SEEModel(self.cfg, batch_size=self.scfg.batch.size)
+        path = resolve_model_path(self.cfg.model)
+        self.shared = None  # SharedWeights when this replica maps the node's shared base copy
+        base = None
+        if self.scfg.share_base_weights:
+            from .shared_weights import load_shared_base
+
+            model, tok, self.shared = load_shared_base(self.cfg.model, path)
+            base = (model, tok)
+        self.model = SEEModel(self.cfg, path, batch_size=self.scfg.batch.size, base=base)
         self._lock = threading.Lock()
         size, wait = self.scfg.batch.size, self.scfg.batch.wait_s
         for m in (self.ask, self.decide, self.generate):
@@ -155,6 +164,12 @@ class _ModelReplica:
                 tok = self._tokens([q], [item["answer"]], mt)[0]
                 item = {"answer": item["answer"], **tok}
             yield item
+
+    def memory(self) -> dict:
+        """Where this replica's base weights live (shared mapping or private copy) and its PSS."""
+        from .shared_weights import describe_weights
+
+        return describe_weights(self.model.base, self.shared)
 
     def configure_batch(self, max_batch_size: int, wait_s: float) -> dict:
         """Change batching in place (benchmarks compare batch size 1 with batching on one replica)."""

@@ -87,8 +87,11 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         from ray import serve
 
+        from .shared_weights import drop_holders
+
         print("[serve] stopping", flush=True)
         serve.shutdown()
+        drop_holders()  # the nodes' shared base copies outlive Serve (detached holders) until dropped
         return 0
 
 

@@ -169,6 +169,11 @@ class ServeConfig(_Cfg):
         "here use `expert`.",
     )
     base: ReplicaSettings = Field(default_factory=ReplicaSettings, description="The base-model deployment.")
+    share_base_weights: bool = Field(
+        True, description="Model replicas on a node map one read-only copy of the frozen base weights, put once "
+        "into Ray's object store by a per-node holder actor (see_ray/shared_weights.py), instead of each loading "
+        "a private copy: memory grows by a process, not a model, per expert. False: private copies."
+    )
     dispatcher_num_cpus: float = Field(0.1, ge=0, description="CPUs the (lightweight) dispatcher reserves.")
     dispatcher_replicas: int = Field(1, ge=1, description="Dispatcher replicas (it holds no model).")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching inside model replicas.")

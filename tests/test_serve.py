@@ -390,3 +390,38 @@ def test_prometheus_metrics(served, ray_head, mixed_queries):
                      if s.name == "ray_see_request_ms_bucket" and s.labels.get("endpoint") == "chat")
     assert buckets and all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))  # cumulative buckets
     assert buckets[-1][1] == _sum(m, "see_request_ms_count", endpoint="chat")
+
+
+# -- shared base weights --------------------------------------------------------------------------------
+def test_replicas_map_one_shared_copy_of_the_base(served):
+    """Both experts and the base map the very same read-only copy of the base weights: one object in the
+    node's plasma store (shared memory), owned by the node's detached holder, not a private copy each. Read
+    from /proc here, not taken from the replicas' word; fails if sharing silently falls back to private copies."""
+    import ray
+    from ray import serve
+
+    from see_ray.shared_weights import HOLDER_NAMESPACE, mapping_of, pss_mib
+
+    scfg = served["scfg"]
+    assert scfg.share_base_weights  # the default
+    handles = [serve.get_deployment_handle(n, scfg.expert_app(n)) for n in ("expert1", "expert2")]
+    handles.append(serve.get_deployment_handle("base", scfg.base_app))
+    infos = [h.memory.remote().result(timeout_s=60) for h in handles]
+    assert len({i["pid"] for i in infos}) == 3  # three processes ...
+    assert all(i["shared"] for i in infos)
+    assert len({i["object_id"] for i in infos}) == 1  # ... one object
+    holder = ray.get_actor(infos[0]["holder"], namespace=HOLDER_NAMESPACE)
+    assert ray.get(holder.info.remote())["object_id"] == infos[0]["object_id"]
+
+    maps = [mapping_of(i["pid"], i["first_param_ptr"]) for i in infos]
+    assert all(m is not None for m in maps), maps
+    # the same file-backed mapping (Ray's plasma store, /dev/shm) in every process, not anonymous memory
+    assert all(m["inode"] and m["inode"] == maps[0]["inode"] and m["path"] == maps[0]["path"] for m in maps), maps
+    assert maps[0]["path"].startswith("/dev/shm") or "plasma" in maps[0]["path"], maps[0]
+    weights_kib = infos[0]["weights_bytes"] / 1024
+    for m, i in zip(maps, infos):
+        # the weights' pages are resident in this process and shared with the others: a private copy would
+        # be Private_*, and its PSS would be the full size instead of about a third
+        assert m["shared_clean_kib"] + m["shared_dirty_kib"] >= 0.9 * weights_kib, m
+        assert m["pss_kib"] <= 0.6 * m["rss_kib"], m
+        assert pss_mib(i["pid"]) > 0
