@@ -27,14 +27,14 @@ import socket
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_latency import bench_model, bench_registry, make_adapter  # noqa: E402
+from serve_latency import bench_model, bench_registry, make_adapter
 
 QUERY = "The quick brown fox jumps over the lazy dog"
 
@@ -151,7 +151,7 @@ def main() -> int:
     from ray import serve
 
     torch.set_num_threads(1)
-    log = lambda m: print(f"[memory] {m}", flush=True)  # noqa: E731
+    log = lambda m: print(f"[memory] {m}", flush=True)
     t_start = time.perf_counter()
     cfg, mp = bench_model(args.model, 4, [f"model.dtype={args.dtype}"])
     work = Path(tempfile.mkdtemp(prefix="see-mem-bench-"))
@@ -173,7 +173,9 @@ def main() -> int:
     # what each replica costs beyond its share of the weights: the process (Python, Ray, Serve, torch, ...)
     overhead = [r["pss_mib"] - r["weights_mapping_pss_mib"] for r in s_many.values()]
     mem = {}
-    for line in open("/proc/meminfo"):
+    with open("/proc/meminfo") as f:
+        meminfo = f.readlines()
+    for line in meminfo:
         k, v = line.split(":")
         if k in ("MemTotal", "MemAvailable"):
             mem[k] = round(int(v.split()[0]) / 2**20, 1)
@@ -195,7 +197,7 @@ def main() -> int:
         "dtype": args.dtype,
         "model_path": mp,
         "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "memory_gib": mem,
                     "load_avg_end": os.getloadavg()},
         "versions": {"ray": ray.__version__, "torch": torch.__version__},

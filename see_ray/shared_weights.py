@@ -212,16 +212,19 @@ def drop_holders() -> list[str]:
 # -- memory introspection (/proc; Linux) -----------------------------------------------------------------
 def pss_mib(pid: int) -> float:
     """Proportional set size of a process: its private pages plus its share of every shared page."""
-    for line in open(f"/proc/{pid}/smaps_rollup"):
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
     raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line")
 
 
 def mapping_of(pid: int, addr: int) -> dict | None:
     """The memory mapping of ``pid`` that contains ``addr``: its file, inode and page accounting (KiB)."""
     found: dict | None = None
-    for line in open(f"/proc/{pid}/smaps"):
+    with open(f"/proc/{pid}/smaps") as f:
+        lines = f.readlines()
+    for line in lines:
         head = line.split()
         if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping header: start-end perms ...
             if found is not None:

@@ -21,7 +21,7 @@ def test_memory_benchmark_tiny(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--model", "tiny", "--experts", "2", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=840,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=840, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

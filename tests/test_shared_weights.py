@@ -10,13 +10,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides, torch_threads
 
 from see_ray.config import SEEConfig
 from see_ray.expert import SEEModel
 from see_ray.model import load_base_model
 from see_ray.shared_weights import build_around, mapping_of, pss_mib, to_arrays
-
-from conftest import tiny_overrides, torch_threads
 
 MAX_NEW = 6
 
