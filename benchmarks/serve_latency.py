@@ -70,13 +70,16 @@ def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None):
 
 def bench_registry(cfg, work: Path, adapter: Path, n: int = 8):
     """A registry of experts e1..en sharing one adapter, all rejecting (threshold 1.0). Returns it and the names."""
+    from see_ray.model import fingerprint, resolve_model_path
     from see_ray.registry import BaseModelIdentity, Indicators, NewExpert, Registry
 
     registry = Registry(str(work / "registry"))
     names = [f"e{i}" for i in range(1, n + 1)]
+    # the real fingerprint: serving refuses adapters of another base
+    base = BaseModelIdentity(name_or_path=cfg.model.name_or_path, fingerprint=fingerprint(resolve_model_path(cfg.model)))
     for name in names:
         registry.add(NewExpert(name=name, task=name, adapter_dir=str(adapter), threshold=1.0,
-                               base_model=BaseModelIdentity(name_or_path=cfg.model.name_or_path, fingerprint="bench"),
+                               base_model=base,
                                indicators=Indicators(accept=cfg.indicators.accept, reject=cfg.indicators.reject)))
     return registry, names
 

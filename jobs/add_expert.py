@@ -64,6 +64,7 @@ from see_ray.registry import (
     Registry,
     RegistryDoc,
     RegistryError,
+    fault_point,
     format_sequence,
 )
 from see_ray.rehearsal import RehearsalBuffer, reconstruct
@@ -178,11 +179,12 @@ class Inputs:
     registry: Registry
     model_path: str
     indicators: Indicators
+    base: BaseModelIdentity
 
 
 def validate_inputs(args: argparse.Namespace) -> Inputs:
     """Step 1. Everything that can be wrong with the input is found here, before anything is written."""
-    from see_ray.model import load_tokenizer, resolve_model_path
+    from see_ray.model import fingerprint, load_tokenizer, resolve_model_path
     from see_ray.prompts import resolve_indicators
 
     try:
@@ -206,23 +208,39 @@ def validate_inputs(args: argparse.Namespace) -> Inputs:
     if in_ray_job() and not is_uri(storage_arg) and not os.path.isabs(os.path.expanduser(storage_arg)):
         # The entrypoint runs in a temporary copy of --working-dir: a relative root would vanish with it.
         raise BadInput(f"--storage {storage_arg!r}: use an absolute path or a URI inside a Ray job")
-    try:
-        registry = Registry(Storage(storage_arg))
-        doc = registry.load()
-        registry.check_can_add(args.name, task.name, args.replace, doc)
-        if args.replace and doc.find(args.name) is None:
-            print(f"note: --replace given but no expert {args.name!r} exists; adding it as new", flush=True)
-    except (RegistryError, StorageError) as e:
-        raise BadInput(str(e)) from None
     pool = load_general_pool(args.general_pool)
     try:
         model_path = resolve_model_path(see.model)
         accept_id, reject_id = resolve_indicators(load_tokenizer(model_path), see.indicators)
         rt.deepspeed_dict(see)  # a missing or broken DeepSpeed file is bad input too
+        base = BaseModelIdentity(name_or_path=see.model.name_or_path, fingerprint=fingerprint(model_path))
     except (IndicatorError, ConfigError, OSError) as e:
         raise BadInput(str(e)) from None
+    try:
+        registry = Registry(Storage(storage_arg))
+        doc = registry.load()
+        # names, the task, and the base model (one registry serves one base) before any training
+        registry.check_can_add(args.name, task.name, args.replace, doc, base)
+        if args.replace and doc.find(args.name) is None:
+            print(f"note: --replace given but no expert {args.name!r} exists; adding it as new", flush=True)
+    except (RegistryError, StorageError) as e:
+        raise BadInput(str(e)) from None
     ind = Indicators(accept=see.indicators.accept, reject=see.indicators.reject, accept_id=accept_id, reject_id=reject_id)
-    return Inputs(task, see, rt, bars, pool, registry, model_path, ind)
+    return Inputs(task, see, rt, bars, pool, registry, model_path, ind, base)
+
+
+def check_storage_writable(registry: Registry) -> None:
+    """Fail before training, not after it, when the storage root cannot be written (read-only mount, full
+    disk, missing permissions): nothing is written but a probe file, which is removed again."""
+    try:
+        registry.storage.probe_writable()
+    except OSError as e:
+        raise Failed(f"storage {registry.storage.uri} is not writable ({_reason(e)}); nothing was trained or "
+                     "registered, the registry is unchanged") from None
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
 
 
 # -- step 2: the reconstructed training set -------------------------------------------------------------
@@ -351,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
     timer = Timer()
     inp = timer.run("1_validate_input", validate_inputs, args)
     task, see, rt, registry = inp.task, inp.see, inp.rt, inp.registry
+    check_storage_writable(registry)
     print(
         f"[add_expert] task {task.name}: {len(task.train)} train / {len(task.dev)} dev; registry {registry.storage.uri}; "
         f"{rt.num_workers} worker(s), deepspeed={rt.deepspeed}",
@@ -361,9 +380,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or see.model.num_threads or 1)
     ensure_ray()
     from see_ray.expert import SEEModel
-    from see_ray.model import fingerprint
 
-    base = BaseModelIdentity(name_or_path=see.model.name_or_path, fingerprint=fingerprint(inp.model_path))
+    base = inp.base
     work = Path(tempfile.mkdtemp(prefix=f"see-add-{args.name}-"))
     model = None
     try:
@@ -453,8 +471,15 @@ def run(args: argparse.Namespace) -> int:
                 job=job_identity(),
             )
             try:
+                fault_point("register")
                 record = timer.run("5_register", registry.add, new, replace=args.replace, check=check)
                 break
+            except OSError as e:  # storage became unwritable while we trained (StorageError is an OSError)
+                raise Failed(
+                    f"registering {args.name!r} failed: storage {registry.storage.uri} is not writable "
+                    f"({_reason(e)}); nothing was registered, the registry is unchanged. Re-run the job once the "
+                    "storage is writable again"
+                ) from None
             except StaleTrainingSet as e:
                 if attempt == args.max_retrain:
                     raise Failed(

@@ -35,6 +35,9 @@ class AdapterError(ValueError):
     """An adapter folder is missing, corrupt, or not in safetensors format."""
 
 
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+
 def check_adapter_folder(path: str | Path) -> Path:
     """Fail early with the folder and the problem, instead of deep inside peft."""
     p = Path(path)
@@ -49,6 +52,14 @@ def check_adapter_folder(path: str | Path) -> Path:
     if not (p / ADAPTER_WEIGHTS).exists():
         extra = " (pickled .bin adapters are refused)" if (p / "adapter_model.bin").exists() else ""
         raise AdapterError(f"{p}: missing {ADAPTER_WEIGHTS}{extra}")
+    # Unpickling runs arbitrary code, and peft falls back to adapter_model.bin on its own: a folder that holds
+    # any pickle-format file is refused outright, even next to a safetensors file.
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterError(
+            f"{p}: holds pickle-format file(s) {pickles}; only safetensors adapters are loaded (pickled .bin "
+            "adapters are refused: loading a pickle can run code). Remove them or re-save with safetensors."
+        )
     try:
         from safetensors import safe_open
 

@@ -82,6 +82,54 @@ class RegistryLockTimeout(RegistryError):
     """The registry lock could not be acquired in time."""
 
 
+class BaseModelMismatch(RegistryError):
+    """An adapter was trained on another base model than the registry's experts or the served base."""
+
+
+def _name(name: str, what: str = "expert name") -> str:
+    """validate_name as a RegistryError: every entry point (job, CLI, API, serve helpers) passes through here
+    before a name becomes part of a path, a Serve application name or a lookup."""
+    try:
+        return validate_name(name, what)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+
+
+def _fp(fingerprint: str) -> str:
+    return fingerprint[:12]
+
+
+def check_served_base(records: "list[ExpertRecord]", fingerprint: str, served: str) -> None:
+    """Refuse to serve adapters trained on another base than the one served (``fingerprint`` of ``served``).
+
+    Same-shaped bases (two fine-tunes of one architecture) would load such an adapter without complaint and
+    answer garbage, so this compares the base checkpoints' content fingerprints, not their names."""
+    bad = [r for r in records if r.base_model.fingerprint != fingerprint]
+    if bad:
+        which = ", ".join(f"{r.name} (base {r.base_model.name_or_path}, fingerprint {_fp(r.base_model.fingerprint)})"
+                          for r in bad)
+        raise BaseModelMismatch(
+            f"refusing to serve expert(s) trained on another base model: {which}; the served base {served} has "
+            f"fingerprint {_fp(fingerprint)}. Serve their base model, or disable them (see-ray registry disable NAME)"
+        )
+
+
+# Test hook for fault-injection tests: SEE_RAY_FAULT_PAUSE="point[,point...]:seconds" makes the process print a
+# marker and sleep at the named points, so that a test can kill it (or break its storage) exactly there.
+# Points: "register" (job: before registration), "commit" (registry: files written, document not yet swapped).
+FAULT_ENV = "SEE_RAY_FAULT_PAUSE"
+
+
+def fault_point(point: str) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    points, _, seconds = spec.rpartition(":")
+    if point in points.split(","):
+        print(f"[fault] paused at {point} pid {os.getpid()} for {seconds} s", flush=True)
+        time.sleep(float(seconds))
+
+
 class _Doc(BaseModel):
     # "allow": a document written by a newer version keeps its extra fields when an older one rewrites it.
     model_config = ConfigDict(extra="allow")
@@ -349,7 +397,7 @@ class Registry:
         return self.load().sequence(include_disabled)
 
     def get(self, name: str) -> ExpertRecord:
-        rec = self.load().find(name)
+        rec = self.load().find(_name(name))
         if rec is None:
             raise RegistryError(f"no expert named {name!r} in {self.storage.uri}")
         return rec
@@ -364,11 +412,24 @@ class Registry:
             samples[e.task] = json.loads(self.storage.read_text(self.rehearsal_rel(e)))
         return RehearsalBuffer(samples)
 
-    def check_can_add(self, name: str, task: str, replace: bool, doc: RegistryDoc | None = None) -> ExpertRecord | None:
-        """Raise if ``name``/``task`` cannot be added; return the record a replace would retire (or None)."""
-        validate_name(name, "expert name")
-        validate_name(task, "task name")
+    def check_can_add(
+        self, name: str, task: str, replace: bool, doc: RegistryDoc | None = None,
+        base: BaseModelIdentity | None = None,
+    ) -> ExpertRecord | None:
+        """Raise if ``name``/``task`` cannot be added (or, given ``base``, if the registry's experts were trained
+        on another base model: one registry serves one base); return the record a replace would retire."""
+        _name(name, "expert name")
+        _name(task, "task name")
         doc = doc or self.load()
+        if base is not None:
+            others = [e for e in doc.experts if e.name != name and e.base_model.fingerprint != base.fingerprint]
+            if others:
+                raise BaseModelMismatch(
+                    f"expert {name!r} was trained on base {base.name_or_path} (fingerprint {_fp(base.fingerprint)}), "
+                    f"but the registry's experts {[e.name for e in others]} on base "
+                    f"{others[0].base_model.name_or_path} (fingerprint {_fp(others[0].base_model.fingerprint)}): "
+                    "one registry holds experts of one base model"
+                )
         existing = doc.find(name)
         if existing is not None and not replace:
             raise ExpertExists(
@@ -435,7 +496,7 @@ class Registry:
         adapter_dir = check_adapter_folder(new.adapter_dir)
         digest = sha256_file(adapter_dir / ADAPTER_WEIGHTS)
         with self._transaction() as doc:
-            existing = self.check_can_add(new.name, new.task, replace, doc)
+            existing = self.check_can_add(new.name, new.task, replace, doc, new.base_model)
             if check is not None:
                 check(doc)
             version = max(doc.versions_of(new.name), default=0) + 1
@@ -473,9 +534,11 @@ class Registry:
             doc.experts.append(rec)
             detail = f"replaces version {existing.version}" if existing is not None else None
             self._event(doc, "replace" if existing is not None else "add", rec, detail)
+            fault_point("commit")  # files written, the document not yet swapped: the window a kill must survive
         return rec
 
     def _set_status(self, name: str, status: Literal["active", "disabled"]) -> ExpertRecord:
+        _name(name)
         with self._transaction() as doc:
             rec = doc.find(name)
             if rec is None:
@@ -497,6 +560,7 @@ class Registry:
         With ``purge`` every version's files and records go; files are deleted only after the document
         stopped referencing them, so a kill in between leaves orphans, never dangling references.
         """
+        _name(name)
         with self._transaction() as doc:
             rec = doc.find(name)
             if rec is None and not (purge and any(e.name == name for e in doc.retired)):

@@ -144,6 +144,15 @@ class Storage:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
 
+    def probe_writable(self) -> None:
+        """Raise OSError (naming the root) unless a file can be created and removed under the root."""
+        rel = f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.write_text_atomic(rel, "probe")
+        except OSError as e:
+            raise StorageError(e.errno, e.strerror or str(e), self.uri) from None
+        self.delete_file(rel)
+
     def delete_file(self, rel: str) -> None:
         try:
             self.fs.delete_file(self.path(rel))

@@ -290,14 +290,17 @@ def _kill_tree(proc) -> None:
 
 def register_expert(registry, expert: dict, cfg, threshold: float | None = None):
     """Put an in-process trained expert (conftest's see_expert1/see_experts dicts) into a registry."""
+    from see_ray.model import fingerprint
     from see_ray.registry import BaseModelIdentity, Indicators, NewExpert
 
+    # the real fingerprint: serving refuses adapters whose base differs from the served one
+    base = BaseModelIdentity(name_or_path=cfg.model.name_or_path, fingerprint=fingerprint(cfg.model.name_or_path))
     return registry.add(
         NewExpert(
             name=expert["name"],
             task=expert["task"],
             adapter_dir=expert["path"],
-            base_model=BaseModelIdentity(name_or_path=cfg.model.name_or_path, fingerprint="test"),
+            base_model=base,
             indicators=Indicators(accept=cfg.indicators.accept, reject=cfg.indicators.reject),
             threshold=threshold,
             rehearsal_samples=[
