@@ -133,13 +133,12 @@ def collect(storage: str | None = None, address: str | None = None, app: str | N
     for rec in (list(reversed(recs)) if order == "newest_first" else recs):
         e = {"name": rec.name, "task": rec.task, "version": rec.version, "position": rec.position,
              "registry_status": rec.status, "threshold": rec.threshold}
-        if serve_status is not None:
+        if conf:  # expert applications are named by the running SEE application's settings: only then known
             st = serve_status.get(scfg.expert_app(rec.name))
             e["app"] = scfg.expert_app(rec.name)
             e["deployment"] = _state(st.status) if st else "not deployed"
             e["replicas"] = _running_replicas(st.deployments.get(rec.name)) if st else 0
-            if conf:
-                e["in_sequence"] = rec.name in in_seq
+            e["in_sequence"] = rec.name in in_seq
         experts.append(e)
     out["experts"] = experts
     return out
