@@ -62,9 +62,9 @@ def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None):
     if kind == "tiny":
         mp = str(build_tiny_model(cache_root() / "test-models" / "tiny-llama-v1"))
         cfg = SEEConfig.from_yaml(None, [f"model.name_or_path={mp}", "model.max_prompt_tokens=64", "lora.r=16",
-                                         "lora.alpha=32", f"routing.max_new_tokens={max_tokens}", *overrides or []])
+                                         "lora.alpha=32", f"routing.max_new_tokens={max_tokens}", *(overrides or [])])
         return cfg, mp
-    cfg = SEEConfig.from_yaml(None, [f"routing.max_new_tokens={max_tokens}", *overrides or []])
+    cfg = SEEConfig.from_yaml(None, [f"routing.max_new_tokens={max_tokens}", *(overrides or [])])
     return cfg, resolve_model_path(cfg.model)
 
 
