@@ -332,18 +332,22 @@ def test_prometheus_metrics(served, ray_head, mixed_queries):
     import time
 
     port = ray_head["metrics_port"]
+    # Only this dispatcher's series: other tests on the same head run SEE applications with experts of the
+    # same names (the full suite once counted a 19th hop of expert1 here), and Serve tags every metric with
+    # its application.
+    app = {"application": served["scfg"].app_name}
     keys = {
-        "requests": ("see_requests_total", {"endpoint": "chat", "model": "see"}),
-        "fallbacks": ("see_fallbacks_total", {}),
-        "hops_count": ("see_hops_count", {}),
-        "hops_sum": ("see_hops_sum", {}),
-        "request_ms_count": ("see_request_ms_count", {"endpoint": "chat"}),
-        "base_generate_count": ("see_base_generate_ms_count", {}),
+        "requests": ("see_requests_total", {"endpoint": "chat", "model": "see", **app}),
+        "fallbacks": ("see_fallbacks_total", app),
+        "hops_count": ("see_hops_count", app),
+        "hops_sum": ("see_hops_sum", app),
+        "request_ms_count": ("see_request_ms_count", {"endpoint": "chat", **app}),
+        "base_generate_count": ("see_base_generate_ms_count", app),
     }
     for e in ("expert1", "expert2"):
-        keys[f"accept {e}"] = ("see_expert_decisions_total", {"expert": e, "decision": "accept"})
-        keys[f"reject {e}"] = ("see_expert_decisions_total", {"expert": e, "decision": "reject"})
-        keys[f"hop_ms_count {e}"] = ("see_hop_ms_count", {"expert": e})
+        keys[f"accept {e}"] = ("see_expert_decisions_total", {"expert": e, "decision": "accept", **app})
+        keys[f"reject {e}"] = ("see_expert_decisions_total", {"expert": e, "decision": "reject", **app})
+        keys[f"hop_ms_count {e}"] = ("see_hop_ms_count", {"expert": e, **app})
 
     # Ray exports application metrics every few seconds: the baseline is taken once the export is quiet
     # (unchanged for longer than an export period), so the deltas below are this test's traffic alone.
