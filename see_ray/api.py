@@ -34,10 +34,13 @@ Routing trace (extension field ``see_routing`` on every completion object and on
 ``asks`` lists the experts asked in sequence order up to (and including) the one that accepted — the same
 list in sequential and concurrent mode; ``ms`` is the time of that hop as seen by the dispatcher.
 
-Errors use OpenAI's format ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON or an
-unknown model, 422 a field that fails validation (empty prompt, wrong type, max_tokens out of range), 413 a
-body over ``limits.max_body_bytes``, 503 + ``Retry-After`` when no deployment can take the request. Bad
-input never yields a 500.
+Errors use OpenAI's format ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON, an
+unknown or invalid model name, or a prompt over ``limits.max_prompt_chars`` (``prompt_too_long``); 401 a
+missing or wrong API key when one is configured (``auth``; ``/healthz`` stays open for load balancers and
+liveness probes, and tells nothing but the sequence size); 413 a body over ``limits.max_body_bytes``; 422 a
+field that fails validation (empty prompt, wrong type, max_tokens out of range); 429 + ``Retry-After`` when a
+client has ``limits.max_concurrent_per_client`` requests in flight; 503 + ``Retry-After`` when no deployment
+can take the request. Bad input never yields a 500.
 """
 
 from __future__ import annotations
@@ -80,6 +83,36 @@ def unavailable(message: str, retry_after_s: int) -> APIError:
     return APIError(503, message, "service_unavailable", None, "unavailable", {"Retry-After": str(retry_after_s)})
 
 
+def too_many_requests(limit: int, retry_after_s: int) -> APIError:
+    return APIError(429, f"too many concurrent requests from this client (limit {limit}); retry later",
+                    "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": str(retry_after_s)})
+
+
+def unauthorized() -> APIError:
+    # The message never echoes what the client sent: a wrong key must not end up in logs or responses.
+    return APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                    None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+
+def body_too_large(n: int | str, limit: int) -> APIError:
+    return APIError(413, f"request body of {n} bytes exceeds {limit}", code="body_too_large")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` (from the Content-Length header, or
+    while streaming a chunked body), so an oversized upload is never held in memory whole."""
+    n = request.headers.get("content-length")
+    if n is not None and n.isdigit() and int(n) > limit:
+        raise body_too_large(n, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(f"more than {limit}", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def validation_error(e: ValidationError) -> APIError:
     """The first pydantic error, named by its field path, as a 422."""
     err = e.errors()[0]
@@ -93,7 +126,7 @@ def validation_error(e: ValidationError) -> APIError:
 def parse_body(raw: bytes, model: type[BaseModel], limits: LimitSettings):
     """Raw body -> validated request model, or APIError (413 / 400 / 422)."""
     if len(raw) > limits.max_body_bytes:
-        raise APIError(413, f"request body of {len(raw)} bytes exceeds {limits.max_body_bytes}", code="body_too_large")
+        raise body_too_large(len(raw), limits.max_body_bytes)
     if not raw.strip():
         raise APIError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -172,7 +205,7 @@ class CompletionRequest(_Req):
                 raise APIError(422, "prompt must not be empty", param="prompt", code="invalid_value")
             if len(p) > limits.max_prompt_chars:
                 raise APIError(
-                    422, f"prompt of {len(p)} characters exceeds {limits.max_prompt_chars}", param="prompt",
+                    400, f"prompt of {len(p)} characters exceeds {limits.max_prompt_chars}", param="prompt",
                     code="prompt_too_long",
                 )
 
@@ -212,7 +245,7 @@ class ChatRequest(_Req):
         total = sum(len(m.text()) for m in self.messages)
         if total > limits.max_prompt_chars:
             raise APIError(
-                422, f"messages of {total} characters exceed {limits.max_prompt_chars}", param="messages",
+                400, f"messages of {total} characters exceed {limits.max_prompt_chars}", param="messages",
                 code="prompt_too_long",
             )
         if not any(m.role == "user" and m.text().strip() for m in self.messages):

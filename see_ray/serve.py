@@ -24,6 +24,8 @@ and run the model in a worker thread under a lock, with ``torch.set_num_threads(
 
 # No `from __future__ import annotations` here: FastAPI (through serve.ingress) must see real types.
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
 import os
@@ -41,10 +43,11 @@ from ray import serve
 from . import api
 from .api import APIError
 from .config import SEEConfig
+from .data import validate_name
 from .metrics import BASE
 from .prompts import Query
 from .router import Ask, ExpertSpec, RouteResult, ordered
-from .serve_config import ServeConfig
+from .serve_config import ServeConfig, load_api_key
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,11 @@ class ExpertDeployment(_ModelReplica):
         self.record = rec
         scfg = ServeConfig.model_validate(serve_cfg)
         self._setup(see_cfg, serve_cfg, scfg.expert_settings(rec.name).threads)
+        from .model import fingerprint
+        from .registry import check_served_base
+
+        # an adapter on another base model would load (same shapes) and answer garbage: refuse it here too
+        check_served_base([rec], fingerprint(self.model.model_path), self.model.model_path)
         # From the storage URI, on whichever node this replica runs: the folder itself on a shared file
         # system, a downloaded copy from an object store; hash-checked against the record either way.
         path = Registry(storage_uri).adapter_path(rec)
@@ -217,7 +225,7 @@ class ExpertDeployment(_ModelReplica):
     def _ask_batch(self, reqs: list[dict]) -> list[dict]:
         out: list[dict] = [{}] * len(reqs)
         t0 = time.perf_counter()
-        key = lambda r: (float(r["threshold"]) if r.get("generate", True) else None, int(r.get("max_tokens", 1)))  # noqa: E731
+        key = lambda r: (float(r["threshold"]) if r.get("generate", True) else None, int(r.get("max_tokens", 1)))
         for (thr, mt), idx in self._groups(reqs, key).items():
             qs = [self._query(reqs[i]) for i in idx]
             probs, answers = self.model.decide_and_generate(qs, self.adapter, thr, mt)
@@ -283,6 +291,38 @@ fastapi_app = FastAPI(
 )
 
 
+# The POST endpoints read the raw body themselves (size limit before parsing, OpenAI-format errors), so FastAPI
+# cannot see their schemas: they are added to the OpenAPI document here (clients and the fuzz test use it).
+_REQUEST_BODIES = {
+    "/v1/completions": api.CompletionRequest,
+    "/v1/chat/completions": api.ChatRequest,
+    "/v1/route": api.RouteRequest,
+}
+
+
+def _openapi() -> dict:
+    if fastapi_app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        spec = get_openapi(title=fastapi_app.title, version=fastapi_app.version,
+                           description=fastapi_app.description, routes=fastapi_app.routes)
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in _REQUEST_BODIES.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+            spec["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        fastapi_app.openapi_schema = spec
+    return fastapi_app.openapi_schema
+
+
+fastapi_app.openapi = _openapi
+
+
 @fastapi_app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -326,9 +366,29 @@ class _Entry:
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
     from ray.exceptions import RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+    from ray.serve.exceptions import (
+        BackPressureError,
+        DeploymentUnavailableError,
+        RayServeException,
+    )
 
     return (BackPressureError, DeploymentUnavailableError, RayActorError, RayServeException)
+
+
+def _retryable_errors() -> tuple[type[BaseException], ...]:
+    """A replica that died (killed, OOM, node lost) or cannot be reached: the same call can succeed on another
+    replica or on the one Serve restarts. Back-pressure is not retried (the caller gets 503 + Retry-After)."""
+    from ray.exceptions import (
+        RayActorError,  # ActorDiedError and ActorUnavailableError derive from it
+    )
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+# Waits between re-sent calls (s): the first lets Serve's router drop the dead replica, the later ones cover a
+# single-replica deployment whose replica is being restarted (requests then queue in the handle until it is up).
+RETRY_BACKOFF_S = (0.2, 1.0, 2.0, 4.0)
 
 
 @serve.deployment(name=DISPATCHER_DEPLOYMENT, max_ongoing_requests=1000, health_check_period_s=10)
@@ -358,6 +418,11 @@ class Dispatcher:
         self._poller: asyncio.Task | None = None
         self.base = serve.get_deployment_handle(BASE_DEPLOYMENT, self.scfg.base_app)
         self._unavailable = _unavailable_errors()
+        self._retryable = _retryable_errors()
+        self._api_key = load_api_key(self.scfg.auth)  # a SecretStr (masked in reprs), never logged
+        self._per_client: dict[str, int] = {}
+        self.retries = 0
+        log.info("dispatcher: API key %s", "required" if self._api_key is not None else "not configured (open API)")
         self._init_metrics()
         self._refresh_sync()
 
@@ -371,6 +436,8 @@ class Dispatcher:
         self.m_fallbacks = Counter("see_fallbacks_total", "Requests answered by the base after all experts rejected.")
         self.m_answers = Counter("see_answers_total", "Requests answered, by who answered.", tag_keys=("expert",))
         self.m_errors = Counter("see_errors_total", "Error responses by HTTP status.", tag_keys=("status",))
+        self.m_retries = Counter("see_retries_total", "Calls re-sent after a replica died or was unavailable.",
+                                 tag_keys=("target",))
         self.m_hops = Histogram("see_hops", "Experts asked per request.", [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 32.5])
         self.m_hop_ms = Histogram("see_hop_ms", "Latency of one ask (decide, + generate on ACCEPT) seen by the "
                                   "dispatcher.", ms, tag_keys=("expert",))
@@ -402,7 +469,12 @@ class Dispatcher:
                 running = dep is not None and any(
                     str(getattr(k, "value", k)) == "RUNNING" and n > 0 for k, n in dep.replica_states.items()
                 )
-            if running:
+            # An expert already in the sequence stays while its application lives, even with no running replica
+            # for a moment (a replica died and Serve is restarting it): its asks wait in the handle, instead
+            # of the walk skipping it and routing its queries elsewhere.
+            serving = s.name in {e.name for e in self.seq} and st is not None and str(
+                getattr(st.status, "value", st.status)) in ("RUNNING", "DEPLOYING", "UNHEALTHY")
+            if running or serving:
                 seq.append(_Entry(s.name, s.task, rec.version, rec.position,
                                   effective_threshold(s, self.cfg.routing), app, self._handle(app, s.name)))
             else:
@@ -472,12 +544,32 @@ class Dispatcher:
         self.inflight[e.name] = self.inflight.get(e.name, 0) + 1
         t0 = time.perf_counter()
         try:
-            r = await e.handle.ask.remote(req)
+            r = await self._call(e.handle.ask, req, e.name)
         finally:
             self.inflight[e.name] -= 1
         ms = (time.perf_counter() - t0) * 1000
         self.m_hop_ms.observe(ms, {"expert": e.name})
         return r, ms
+
+    async def _call(self, method, req: dict, deployment: str):
+        """One call to a model replica, re-sent (at most ``ask_retries`` times) when its replica died or was
+        unavailable: Serve routes the retry to another replica, or queues it until the restarted one is up.
+        Every call is a pure function of the request, so re-sending it cannot change the answer."""
+        for attempt in range(self.scfg.ask_retries + 1):
+            try:
+                return await method.remote(req)
+            except self._retryable as exc:
+                if attempt >= self.scfg.ask_retries:
+                    raise
+                self.retries += 1
+                self.m_retries.inc(1, {"target": deployment})
+                log.warning("%s: %s; re-sending (retry %d of %d)", deployment, type(exc).__name__, attempt + 1,
+                            self.scfg.ask_retries)
+                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+
+    def stats(self) -> dict:
+        """Counters the fault tests read: re-sent calls, requests in flight per client."""
+        return {"retries": self.retries, "per_client": dict(self._per_client)}
 
     def _record(self, e: _Entry, r: dict, ms: float, thr: float, trace: list[Ask]) -> bool:
         accepted = r["p"] >= thr
@@ -520,13 +612,15 @@ class Dispatcher:
         if not generate:
             return RouteResult(None, BASE, trace), {}, None
         t0 = time.perf_counter()
-        r = await self.base.generate.remote({"input": q.input, "definition": q.definition, "max_tokens": max_tokens})
+        r = await self._call(self.base.generate, {"input": q.input, "definition": q.definition,
+                                                  "max_tokens": max_tokens}, BASE)
         self.m_generate_ms.observe((time.perf_counter() - t0) * 1000)
         return RouteResult(r["answer"], BASE, trace), r, None
 
     async def _forced(self, model: str, q: Query, max_tokens: int) -> tuple[RouteResult, dict]:
         if model == BASE:
-            r = await self.base.generate.remote({"input": q.input, "definition": q.definition, "max_tokens": max_tokens})
+            r = await self._call(self.base.generate, {"input": q.input, "definition": q.definition,
+                                                      "max_tokens": max_tokens}, BASE)
             return RouteResult(r["answer"], BASE, []), r
         e = next(x for x in self.seq if x.name == model)
         r, ms = await self._ask(e, q, max_tokens, True, threshold=0.0)  # threshold 0: it always answers
@@ -546,7 +640,7 @@ class Dispatcher:
         """Await within ``request_timeout_s``; a timeout or a deployment that cannot take the request -> 503."""
         try:
             return await asyncio.wait_for(coro, self.scfg.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise api.unavailable(timeout_message, self.scfg.retry_after_s) from None
         except self._unavailable as e:
             raise api.unavailable(f"no deployment can take the request now ({type(e).__name__}); retry later",
@@ -569,19 +663,49 @@ class Dispatcher:
         }
 
     # -- HTTP -----------------------------------------------------------------------------------------
-    async def _body(self, request: Request, model_cls):
+    def _authorize(self, request: Request) -> None:
+        """401 unless the request carries the configured API key (constant-time comparison)."""
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        expected = self._api_key.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            self.m_errors.inc(1, {"status": "401"})
+            raise api.unauthorized()
+
+    @contextlib.asynccontextmanager
+    async def _admit(self, request: Request):
+        """Authentication, then one of the client's ``limits.max_concurrent_per_client`` slots (429 when all
+        are taken). Clients are told apart by IP address; the count is per dispatcher replica."""
         self._ensure_poller()
+        self._authorize(request)
+        client = request.client.host if request.client else "unknown"
+        limit = self.scfg.limits.max_concurrent_per_client
+        if self._per_client.get(client, 0) >= limit:
+            self.m_errors.inc(1, {"status": "429"})
+            raise api.too_many_requests(limit, self.scfg.retry_after_s)
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]
+
+    async def _body(self, request: Request, model_cls):
         try:  # refused before `_guard` runs: counted here, so that see_errors_total sees every 4xx
-            n = request.headers.get("content-length")
-            if n is not None and n.isdigit() and int(n) > self.scfg.limits.max_body_bytes:
-                raise APIError(413, f"request body of {n} bytes exceeds {self.scfg.limits.max_body_bytes}",
-                               code="body_too_large")
-            return api.parse_body(await request.body(), model_cls, self.scfg.limits)
+            raw = await api.read_body(request, self.scfg.limits.max_body_bytes)
+            return api.parse_body(raw, model_cls, self.scfg.limits)
         except APIError as e:
             self.m_errors.inc(1, {"status": str(e.status)})
             raise
 
     def _check_model(self, model: str) -> None:
+        try:
+            validate_name(model, "model")
+        except ValueError as e:
+            self.m_errors.inc(1, {"status": "400"})
+            raise APIError(400, str(e), param="model", code="invalid_model_name") from None
         known = {self.scfg.model_name, BASE, *(e.name for e in self.seq)}
         if model not in known:
             self.m_errors.inc(1, {"status": "400"})
@@ -608,6 +732,10 @@ class Dispatcher:
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
+        async with self._admit(request):
+            return await self._completions(request)
+
+    async def _completions(self, request: Request):
         req = await self._body(request, api.CompletionRequest)
         self._check_model(req.model)
         mt = self._max_tokens(req)
@@ -631,6 +759,10 @@ class Dispatcher:
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        async with self._admit(request):
+            return await self._chat_completions(request)
+
+    async def _chat_completions(self, request: Request):
         req = await self._body(request, api.ChatRequest)
         self._check_model(req.model)
         mt = self._max_tokens(req)
@@ -749,13 +881,17 @@ class Dispatcher:
 
     @fastapi_app.post("/v1/route")
     async def route(self, request: Request):
+        async with self._admit(request):
+            return await self._route(request)
+
+    async def _route(self, request: Request):
         req = await self._body(request, api.RouteRequest)
 
         async def run():
             t0 = time.perf_counter()
             try:
                 res, _ = await asyncio.wait_for(self.walk(req.query(), 1, generate=False), self.scfg.request_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise api.unavailable("routing timed out; retry later", self.scfg.retry_after_s) from None
             except self._unavailable as e:
                 raise api.unavailable(f"no deployment can take the request now ({type(e).__name__})",
@@ -765,8 +901,9 @@ class Dispatcher:
         return await self._guard("route", self.scfg.model_name, run)
 
     @fastapi_app.get("/v1/models")
-    async def models(self):
-        self._ensure_poller()
+    async def models(self, request: Request):
+        async with self._admit(request):
+            pass
         data = [{"id": self.scfg.model_name, "object": "model", "created": 0, "owned_by": "see-ray",
                  "see_kind": "system"},
                 {"id": BASE, "object": "model", "created": 0, "owned_by": "see-ray", "see_kind": "base"}]
@@ -775,12 +912,14 @@ class Dispatcher:
         return {"object": "list", "data": data}
 
     @fastapi_app.get("/v1/experts")
-    async def experts(self):
-        self._ensure_poller()
-        return self.sequence_info()
+    async def experts(self, request: Request):
+        async with self._admit(request):
+            return self.sequence_info()
 
     @fastapi_app.get("/healthz")
     async def healthz(self):
+        # Open even with an API key: liveness probes and load balancers carry no credentials, and it tells
+        # nothing but the sequence size and mode (no names, no registry path).
         self._ensure_poller()
         return {"status": "ok", "experts": len(self.seq), "pending": len(self.pending), "mode": self.mode}
 
@@ -841,6 +980,16 @@ def url_of(scfg: ServeConfig) -> str:
     return f"http://{scfg.host}:{scfg.port}{scfg.route_prefix.rstrip('/')}"
 
 
+def check_base_of(recs, see: SEEConfig) -> None:
+    """Raise BaseModelMismatch if any record was trained on another base than ``see.model`` (fingerprints)."""
+    from .model import fingerprint, resolve_model_path
+    from .registry import check_served_base
+
+    if recs:
+        path = resolve_model_path(see.model)
+        check_served_base(recs, fingerprint(path), see.model.name_or_path)
+
+
 def _running_fingerprint(app: str, deployment: str) -> str | None:
     """The fingerprint a RUNNING model application reports (None: absent, not running, or not answering)."""
     st = serve.status().applications.get(app)
@@ -862,6 +1011,7 @@ def deploy_models(see: SEEConfig, scfg: ServeConfig, storage_uri: str, progress=
     from .registry import Registry
 
     recs = [r for r in Registry(storage_uri).list() if r.status == "active"]
+    check_base_of(recs, see)  # before anything is deployed; every expert replica checks again
     see_d, scfg_d = _dump(see), _dump(scfg)
     wanted = [(scfg.expert_app(r.name), r.name, model_fingerprint(r.model_dump(mode="json"), storage_uri, see_d, scfg_d),
                lambda r=r: expert_app(r, see, scfg, storage_uri)) for r in recs]
@@ -953,7 +1103,8 @@ def add_expert_live(name: str, app_name: str = "see", timeout_s: float = 300.0) 
     d = dispatcher_handle(app_name=app_name)
     conf = d.configs.remote().result(timeout_s=60)
     see, scfg, storage = SEEConfig.model_validate(conf["see"]), ServeConfig.model_validate(conf["serve"]), conf["storage"]
-    rec = Registry(storage).get(name)
+    rec = Registry(storage).get(name)  # validates the name
+    check_base_of([rec], see)
     serve.run(expert_app(rec, see, scfg, storage), name=scfg.expert_app(name), route_prefix=None)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -970,6 +1121,7 @@ def remove_expert_live(name: str, app_name: str = "see", drain_timeout_s: float 
     new walks), waits until every dispatcher replica has polled and the expert's in-flight asks finished,
     and only then deletes the expert's application.
     """
+    validate_name(name, "expert name")
     d = dispatcher_handle(app_name=app_name)
     conf = d.configs.remote().result(timeout_s=60)
     scfg = ServeConfig.model_validate(conf["serve"])

@@ -72,6 +72,11 @@ def cmd_serve(args) -> int:
         print("[serve] starting a local Ray instance", flush=True)
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     print(f"[serve] registry {storage}", flush=True)
+    auth = scfg.auth
+    if not auth.api_key_file and not (auth.api_key_env and os.environ.get(auth.api_key_env)):
+        where = "127.0.0.1 only" if scfg.host in ("127.0.0.1", "localhost", "::1") else f"{scfg.host}: EXPOSED"
+        print(f"[serve] no API key configured ({auth.api_key_env or 'auth.api_key_file'}): the API is open "
+              f"({where})", flush=True)
     info = deploy_all(see, scfg, storage, progress=lambda m: print(f"[serve] {m}", flush=True))
     url = url_of(scfg)
     print(f"[serve] ready in {time.perf_counter() - t0:.0f} s: {url}/v1 (model {scfg.model_name!r}, "

@@ -13,9 +13,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .config import ConfigError, _describe, apply_overrides, read_yaml_mapping
+from .data import validate_name
+
+API_KEY_ENV = "SEE_RAY_API_KEY"
 
 
 class _Cfg(BaseModel):
@@ -37,7 +48,7 @@ class AutoscalingSettings(_Cfg):
     )
 
     @model_validator(mode="after")
-    def _order(self) -> "AutoscalingSettings":
+    def _order(self) -> AutoscalingSettings:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
         return self
@@ -91,7 +102,7 @@ class ReplicaSettings(_Cfg):
         return opts
 
     @model_validator(mode="after")
-    def _check_resources(self) -> "ReplicaSettings":
+    def _check_resources(self) -> ReplicaSettings:
         for k, v in self.resources.items():
             if k in ("CPU", "GPU", "memory"):  # Ray refuses these in `resources`; say which field to use
                 raise ValueError(f"resources.{k}: use num_cpus / num_gpus for {k}, `resources` is for custom ones")
@@ -140,6 +151,52 @@ class LimitSettings(_Cfg):
     max_prompt_chars: int = Field(16_000, ge=1, description="Longest prompt (or sum of chat messages) in characters.")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest HTTP request body (-> 413 above it).")
     max_messages: int = Field(64, ge=1, description="Most chat messages in one request.")
+    max_concurrent_per_client: int = Field(
+        32, ge=1, description="Requests one client (by IP address) may have in flight at once on one dispatcher "
+        "replica; more get 429 + Retry-After. 32: twice the 16-way load test, far below the dispatcher's 1000."
+    )
+
+
+class AuthSettings(_Cfg):
+    """Optional API key (``Authorization: Bearer <key>``) for every endpoint except ``GET /healthz``.
+
+    The key itself is never part of the configuration (so never in a config dump, a repr, ``configs()`` or
+    Serve's deployment arguments): the dispatcher process reads it at start from ``api_key_file`` if set,
+    else from the environment variable ``api_key_env``. No key found: the API is open (fine on 127.0.0.1).
+    """
+
+    api_key_env: str | None = Field(
+        API_KEY_ENV, description="Environment variable of the dispatcher's processes holding the key (the Ray "
+        "cluster's environment: set it where `ray start` / `see-ray serve` runs). None: ignore the environment."
+    )
+    api_key_file: str | None = Field(
+        None, description="File holding the key (first line; e.g. a mounted secret), read by the dispatcher at "
+        "start; it must exist on the nodes that run the dispatcher. Takes precedence over api_key_env."
+    )
+
+
+class APIKeyError(ValueError):
+    """The configured API key source is unusable (missing or empty file)."""
+
+
+def load_api_key(auth: AuthSettings) -> SecretStr | None:
+    """The API key from ``auth``'s file or environment variable; None when neither gives one.
+
+    A SecretStr: its repr and str are masked, so an accidental log line or traceback does not leak it."""
+    import os
+
+    if auth.api_key_file:
+        path = Path(auth.api_key_file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as e:
+            raise APIKeyError(f"auth.api_key_file {str(path)!r}: cannot read it ({e.strerror})") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise APIKeyError(f"auth.api_key_file {str(path)!r}: the file is empty")
+        return SecretStr(key)
+    key = os.environ.get(auth.api_key_env, "").strip() if auth.api_key_env else ""
+    return SecretStr(key) if key else None
 
 
 class ServeConfig(_Cfg):
@@ -179,7 +236,12 @@ class ServeConfig(_Cfg):
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batching inside model replicas.")
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings, description="Sequential walk.")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits.")
-    retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with 503 responses.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Optional API key.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with 503 and 429 responses.")
+    ask_retries: int = Field(
+        2, ge=0, description="Times the dispatcher re-sends one ask (or base call) that failed because its replica "
+        "died or was unavailable; Serve routes the retry to another replica or the restarted one."
+    )
     request_timeout_s: float = Field(120.0, gt=0, description="Longest a request may take inside the dispatcher.")
 
     @model_validator(mode="before")
@@ -198,8 +260,13 @@ class ServeConfig(_Cfg):
             merged[name] = _deep_merge(base, over) if isinstance(over, dict) else over  # non-dicts: pydantic says why
         return {**data, "per_expert": merged}
 
+    @field_validator("model_name")
     @classmethod
-    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "ServeConfig":
+    def _model_name(cls, v: str) -> str:
+        return validate_name(v, "model_name")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
         """YAML file (optional; a top-level ``serve:`` section is accepted too) plus ``a.b=value`` overrides."""
         data = read_yaml_mapping(path)
         data = dict(data.get("serve", data))

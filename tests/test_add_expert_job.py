@@ -6,6 +6,11 @@
 - a bad task file: failed job (exit 2), registry unchanged; a bad config override too;
 - re-submitting a name is refused, ``--replace`` makes version 2;
 - a job stopped (``ray job stop``) mid-training leaves the registry unchanged, and the re-run succeeds;
+- a job killed (SIGKILL) during registration, after its files were written and before the registry document
+  was swapped: registry unchanged (never half), lock released, the re-run succeeds;
+- storage read-only (a read-only bind mount: root ignores file modes, not a read-only mount) from the start,
+  and made read-only while the job trains: the job fails with a clear error, nothing is lost, and once the
+  storage is writable again the re-run succeeds;
 - two concurrent submissions both land, in a defined and recorded order.
 The mechanics tests use low validation bars (--min-accept/--min-reject 0) and few steps: they test the
 job, not the tiny model's routing quality.
@@ -13,6 +18,7 @@ job, not the tiny model's routing quality.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -21,8 +27,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from see_ray.demo import antonyms_task, arithmetic_task, shout_task
 from see_ray.registry import REGISTRY_FILE, Registry
 
@@ -74,11 +80,13 @@ class Jobs:
             out += ["--min-accept", str(bars), "--min-reject", str(bars)]
         return out + list(extra)
 
-    def submit(self, job_args: list[str], wait: bool = True) -> tuple[str, subprocess.CompletedProcess | None]:
+    def submit(self, job_args: list[str], wait: bool = True, env: dict[str, str] | None = None
+               ) -> tuple[str, subprocess.CompletedProcess | None]:
         sid = f"see-test-{uuid.uuid4().hex[:8]}"
         cmd = [
             "ray", "job", "submit", "--address", self.head["dashboard"], "--working-dir", str(REPO),
             "--submission-id", sid, *([] if wait else ["--no-wait"]),
+            *(["--runtime-env-json", json.dumps({"env_vars": env})] if env else []),
             "--", "python", "jobs/add_expert.py", *job_args,
         ]
         proc = subprocess.run(cmd, env=self.head["env"], capture_output=True, text=True, timeout=800, cwd=REPO)
@@ -255,3 +263,112 @@ def test_concurrent_submissions_land_in_a_defined_order(jobs, task_dirs, tmp_pat
         assert first.task in second.validation["checked_at_commit"]
     results = {jobs.result(sid)["name"]: jobs.result(sid) for sid in sids}
     assert results[second.name]["sequence"] == [first.name, second.name]
+
+
+# -- killed during registration -------------------------------------------------------------------------
+def wait_for_log(jobs: Jobs, sid: str, marker: str, timeout: float = 400) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = jobs.logs(sid)
+        if marker in logs:
+            return logs
+        assert time.monotonic() < deadline, logs[-4000:]
+        assert jobs.client.get_job_status(sid) in ("PENDING", "RUNNING"), logs[-4000:]
+        time.sleep(0.5)
+
+
+def files_of(storage: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(storage)): p.read_bytes() for p in sorted(storage.rglob("*"))
+            if p.is_file() and p.name != "registry.lock"}
+
+
+def test_job_killed_during_registration_leaves_registry_whole(jobs, two_experts, task_dirs, tmp_path):
+    """SIGKILL at the registry's commit point: the adapter and rehearsal files are written, the document is
+    not yet swapped (the fault hook SEE_RAY_FAULT_PAUSE holds the job there)."""
+    import os
+    import re
+    import signal
+
+    storage = tmp_path / "registry"
+    shutil.copytree(two_experts["storage"], storage)
+    before, files_before = snapshot(storage), files_of(storage)
+    names_before = [e.name for e in Registry(str(storage)).list()]
+    args = jobs.args(task_dirs["antonyms"], "antonyms", storage, steps=10, bars=0)
+    sid, _ = jobs.submit(args, wait=False, env={"SEE_RAY_FAULT_PAUSE": "commit:600"})
+    logs = wait_for_log(jobs, sid, "[fault] paused at commit pid ")
+    pid = int(re.search(r"\[fault\] paused at commit pid (\d+)", logs).group(1))
+    assert (storage / "adapters" / "antonyms" / "v1" / "adapter_model.safetensors").is_file()  # files written
+    os.kill(pid, signal.SIGKILL)  # the job driver, holding the registry lock, mid-transaction
+    assert jobs.wait(sid) == "FAILED"
+    assert snapshot(storage) == before  # unchanged: the old document, not half of the new one
+    assert [e.name for e in Registry(str(storage)).list()] == names_before
+    assert all(files_of(storage)[k] == v for k, v in files_before.items())  # nothing of before was touched
+
+    # re-run: the kernel released the dead job's lock; the orphan folder is overwritten
+    sid, proc = jobs.submit(jobs.args(task_dirs["antonyms"], "antonyms", storage, steps=10, bars=0))
+    assert proc.returncode == 0, jobs.logs(sid)[-4000:]
+    reg = Registry(str(storage))
+    assert [(e.name, e.version) for e in reg.list()] == [*((n, 1) for n in names_before), ("antonyms", 1)]
+    assert reg.get("antonyms").position == len(names_before) + 1
+    reg.adapter_path(reg.get("antonyms"))  # hash-checked: the committed adapter is the re-run's, whole
+
+
+# -- storage unwritable ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def read_only(path: Path):
+    """Make ``path`` a read-only bind mount of itself. The tests run as root, which ignores file modes, but
+    not a read-only mount: every write below it fails with EROFS, as on a remounted or full volume."""
+    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"read-only bind mounts need CAP_SYS_ADMIN here: {r.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path), str(path)], check=True, capture_output=True)
+        with pytest.raises(OSError, match="Read-only file system"):
+            (path / "probe").write_text("x")
+        yield
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_storage_unwritable_fails_clearly_and_loses_nothing(jobs, two_experts, task_dirs, tmp_path):
+    storage = tmp_path / "registry"
+    shutil.copytree(two_experts["storage"], storage)
+    before, files_before = snapshot(storage), files_of(storage)
+    names_before = [e.name for e in Registry(str(storage)).list()]
+
+    def nothing_lost() -> bool:  # every file of before is still there, unchanged (training adds run folders)
+        now = files_of(storage)
+        return snapshot(storage) == before and all(now.get(k) == v for k, v in files_before.items())
+
+    args = jobs.args(task_dirs["antonyms"], "antonyms", storage, steps=10, bars=0)
+    figs = {}
+
+    # 1) read-only from the start: refused before any training
+    with read_only(storage):
+        t0 = time.monotonic()
+        sid, proc = jobs.submit(args)
+        figs["readonly_at_start_fail_s"] = round(time.monotonic() - t0, 1)
+        logs = jobs.logs(sid)
+        assert proc.returncode != 0 and jobs.exit_code(sid) == 1, logs[-3000:]
+        assert f"storage {storage} is not writable (Read-only file system); nothing was trained" in logs
+        assert "3_train" not in logs
+    assert files_of(storage) == files_before  # not even a run folder: it stopped before training
+
+    # 2) read-only from the moment it registers (after training): fails at registration, nothing lost
+    sid, _ = jobs.submit(args, wait=False, env={"SEE_RAY_FAULT_PAUSE": "register:20"})
+    wait_for_log(jobs, sid, "[fault] paused at register pid ")
+    with read_only(storage):
+        assert jobs.wait(sid) == "FAILED"
+        logs = jobs.logs(sid)
+        assert jobs.exit_code(sid) == 1, logs[-3000:]
+        assert (f"registering 'antonyms' failed: storage {storage} is not writable (Read-only file system); "
+                "nothing was registered, the registry is unchanged") in logs
+        assert "Traceback" not in logs.split("[fault] paused at register")[-1]
+    assert nothing_lost()
+
+    # 3) writable again: the same job succeeds
+    sid, proc = jobs.submit(args)
+    assert proc.returncode == 0, jobs.logs(sid)[-4000:]
+    assert [e.name for e in Registry(str(storage)).list()] == [*names_before, "antonyms"]
+    print(f"\nFIGURES fault_storage_readonly {json.dumps(figs)}", flush=True)

@@ -1,5 +1,6 @@
-"""Security rules that need no cluster: name validation on every entry point, pickle adapters refused, one
-base model per registry."""
+"""Security rules that need no cluster: the API key source, name validation on every entry point, pickle
+adapters refused, one base model per registry, request limits. The same rules over real HTTP (401, 429,
+413, 400) are in test_serve_reliability.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 
 import pytest
 
+from see_ray.api import APIError, ChatRequest, CompletionRequest, parse_body
 from see_ray.expert import AdapterError, check_adapter_folder
 from see_ray.registry import (
     BaseModelIdentity,
@@ -19,6 +21,49 @@ from see_ray.registry import (
     check_served_base,
 )
 from see_ray.registry_cli import main as registry_main
+from see_ray.serve_config import (
+    APIKeyError,
+    AuthSettings,
+    LimitSettings,
+    ServeConfig,
+    load_api_key,
+)
+
+SECRET = "sk-test-0123456789abcdef"
+
+
+# -- API key -----------------------------------------------------------------------------------------------
+def test_api_key_from_env_and_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("SEE_RAY_API_KEY", raising=False)
+    assert load_api_key(AuthSettings()) is None  # no key anywhere: open API
+    monkeypatch.setenv("SEE_RAY_API_KEY", SECRET)
+    key = load_api_key(AuthSettings())
+    assert key.get_secret_value() == SECRET
+    assert SECRET not in repr(key) and SECRET not in str(key)  # masked if it ever reaches a log line
+    assert load_api_key(AuthSettings(api_key_env=None)) is None
+    f = tmp_path / "key"
+    f.write_text("sk-from-file\n")
+    assert load_api_key(AuthSettings(api_key_file=str(f))).get_secret_value() == "sk-from-file"  # file wins
+
+
+def test_api_key_file_problems_are_named(tmp_path):
+    with pytest.raises(APIKeyError, match=r"auth.api_key_file .*missing.*cannot read"):
+        load_api_key(AuthSettings(api_key_file=str(tmp_path / "missing")))
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(APIKeyError, match="the file is empty"):
+        load_api_key(AuthSettings(api_key_file=str(tmp_path / "empty")))
+
+
+def test_key_never_in_config_dumps(tmp_path, monkeypatch):
+    """The config names where the key is, never the key: dumps, reprs and YAML carry no secret."""
+    monkeypatch.setenv("SEE_RAY_API_KEY", SECRET)
+    f = tmp_path / "key"
+    f.write_text(SECRET)
+    scfg = ServeConfig.from_yaml(None, [f"auth.api_key_file={f}"])
+    for text in (repr(scfg), str(scfg), scfg.model_dump_json()):
+        assert SECRET not in text
+    assert "api_key" not in ServeConfig.model_fields  # no field could ever hold the key itself
+
 
 # -- names --------------------------------------------------------------------------------------------------
 BAD_NAMES = ["../etc", "a/b", "x;rm -rf ~", "$(id)", "a b", "", ".hidden", "-flag", "n" * 65, "é"]
@@ -38,6 +83,11 @@ def test_registry_refuses_bad_names_everywhere(tmp_path, name):
 def test_registry_cli_refuses_bad_name(tmp_path, capsys):
     assert registry_main(["--storage", str(tmp_path), "remove", "../../etc", "--purge"]) == 2
     assert "expert name '../../etc' is invalid" in capsys.readouterr().err
+
+
+def test_model_name_in_config_is_validated():
+    with pytest.raises(Exception, match="model_name"):
+        ServeConfig(model_name="see/../x")
 
 
 # -- adapters -----------------------------------------------------------------------------------------------
@@ -75,3 +125,31 @@ def test_serving_refuses_records_of_another_base(see_expert1, tmp_path):
     check_served_base([rec], "a" * 64, "served")
     with pytest.raises(BaseModelMismatch, match=r"refusing to serve .*one \(base base-aaa.*served base served"):
         check_served_base([rec], "c" * 64, "served")
+
+
+# -- request limits -----------------------------------------------------------------------------------------
+def _err(raw: bytes, model=CompletionRequest, limits: LimitSettings | None = None) -> APIError:
+    with pytest.raises(APIError) as e:
+        parse_body(raw, model, limits or LimitSettings())
+    return e.value
+
+
+def test_limits_have_safe_defaults():
+    lim = LimitSettings()
+    assert lim.max_tokens == 256 and lim.max_prompt_chars == 16_000 and lim.max_body_bytes == 256 * 1024
+    assert lim.max_concurrent_per_client == 32
+    with pytest.raises(Exception):
+        LimitSettings(max_concurrent_per_client=0)
+
+
+def test_oversized_prompt_400_and_body_413():
+    lim = LimitSettings(max_prompt_chars=100, max_body_bytes=2048)
+    e = _err(b'{"model": "see", "prompt": "' + b"x" * 101 + b'"}', limits=lim)
+    assert (e.status, e.code, e.param) == (400, "prompt_too_long", "prompt")
+    body = b'{"model": "see", "messages": [{"role": "user", "content": "' + b"y" * 101 + b'"}]}'
+    e = _err(body, ChatRequest, lim)
+    assert (e.status, e.code, e.param) == (400, "prompt_too_long", "messages")
+    e = _err(b'{"model": "see", "prompt": "' + b"z" * 3000 + b'"}', limits=lim)
+    assert (e.status, e.code) == (413, "body_too_large")
+    e = _err(b'{"model": "see", "prompt": "hi", "max_tokens": 257}')
+    assert (e.status, e.param) == (422, "max_tokens")

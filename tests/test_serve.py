@@ -246,7 +246,7 @@ BAD = [
     ("/v1/completions", {"model": "see", "prompt": "hi", "max_tokens": 100000}, 422, "invalid_value"),
     ("/v1/completions", {"model": "see", "prompt": "hi", "max_tokens": "many"}, 422, None),
     ("/v1/completions", {"model": "see", "prompt": "hi", "n": 2}, 422, None),
-    ("/v1/completions", {"model": "see", "prompt": "x" * 20000}, 422, "prompt_too_long"),
+    ("/v1/completions", {"model": "see", "prompt": "x" * 20000}, 400, "prompt_too_long"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 400, "model_not_found"),
     ("/v1/completions", {"model": 7, "prompt": "hi"}, 422, None),
     ("/v1/chat/completions", {"model": "see", "messages": []}, 422, "invalid_value"),
