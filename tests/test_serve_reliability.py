@@ -326,8 +326,23 @@ def test_expert_replica_killed_under_load(served, two_tasks, pool):
     t = threading.Thread(target=drive, daemon=True)
     t.start()
     assert started.wait(300), "load did not start"
+    # the victim is picked now, not before the load: an autoscaler decision in between (a replica started by an
+    # earlier test's load going away) can retire the replica listed earlier
+    victim, handle = None, None
+    for _ in range(60):
+        for name in replica_actors(app, target):
+            try:
+                victim, handle = name, ray.get_actor(name, namespace="serve")
+                break
+            except ValueError:  # retired between the listing and the lookup
+                continue
+        if handle is not None:
+            break
+        time.sleep(0.5)
+    assert handle is not None, f"no live replica of {app} to kill"
+    victims = [victim] + [v for v in replica_actors(app, target) if v != victim]
     t_kill = time.monotonic()
-    ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+    ray.kill(handle, no_restart=True)
     # Serve notices the dead replica and starts a new one
     deadline, recovered_s = time.monotonic() + 180, None
     while time.monotonic() < deadline:
