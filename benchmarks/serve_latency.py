@@ -93,6 +93,36 @@ def set_owner(registry, owner: str | None, active: list[str]) -> None:
             e.status = "active" if e.name in active else "disabled"
 
 
+def profile_direct(model, adapter: str, query: str, max_tokens: int, rows: int, repeats: int) -> dict:
+    """Where one replica's time goes, in-process, with the replica's own code path split into its phases:
+    tokenization (prompt template + tokenizer), prefill (the decide pass, which keeps the KV cache) and decode
+    (the greedy loop from that cache), for a batch of ``rows`` copies of ``query``. p50 over ``repeats`` runs."""
+    import torch
+
+    from see_ray.prompts import Query
+
+    phases: dict[str, list[float]] = {"tokenize_ms": [], "prefill_ms": [], "decode_ms": []}
+    tokens = 0
+    with torch.inference_mode(), model._use(adapter) as m:  # noqa: SLF001 - the benchmark times the internals
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            seqs = model.encode([Query(query)] * rows)
+            ids, mask = model._left_pad(seqs)  # noqa: SLF001
+            t1 = time.perf_counter()
+            _, cache = model._decide_pass(m, ids, mask, keep_cache=True)  # noqa: SLF001
+            t2 = time.perf_counter()
+            gen_ids, gen_mask, cache = model._after_accept(ids, mask, cache, list(range(rows)))  # noqa: SLF001
+            steps = list(model._decode(m, gen_ids, gen_mask, max_tokens, cache))  # noqa: SLF001
+            t3 = time.perf_counter()
+            tokens = len(steps)
+            for k, v in zip(phases, ((t1 - t0), (t2 - t1), (t3 - t2))):
+                phases[k].append(v * 1000)
+    out = {k: pct(v, 50) for k, v in phases.items()}
+    out["decode_ms_per_step"] = out["decode_ms"] / max(1, tokens)
+    out["rows"], out["decode_steps"] = rows, tokens
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["tiny", "real"], default="tiny")
@@ -121,7 +151,7 @@ def main() -> int:
     registry, names = bench_registry(cfg, work, adapter)
     scfg = ServeConfig.from_yaml(None, [
         f"port={args.port}", "dispatch.registry_poll_s=1", "expert.autoscaling.max_replicas=1",
-        "base.autoscaling.max_replicas=1", "expert.num_cpus=0.2", "batch.max_batch_size=16", "batch.wait_s=0.005",
+        "base.autoscaling.max_replicas=1", "expert.num_cpus=0.2", "batch.max_batch_size=16",
     ])
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     print(f"[bench] deploying 8 experts + base + dispatcher ({args.model} model) ...", flush=True)
@@ -165,9 +195,21 @@ def main() -> int:
         t0 = time.perf_counter()
         direct_model.decide_and_generate([Query(query)], "e1", 0.0, args.max_tokens)
         direct.append((time.perf_counter() - t0) * 1000)
+    # where a replica's time goes (same code path, phases timed): batch of 1 and a full batch of 16
+    res["profile_direct"] = {f"batch_{b}": profile_direct(direct_model, "e1", query, args.max_tokens, b, 10)
+                             for b in (1, 16)}
     del direct_model
-    e2e = [post("e1")[0] for _ in range(args.requests)]
+    e2e, proxy_http, dispatcher_own, hop_e2e = [], [], [], []
+    for _ in range(args.requests):
+        ms, body = post("e1")
+        tr = body["see_routing"]
+        e2e.append(ms)
+        proxy_http.append(ms - tr["total_ms"])  # client, HTTP and Serve's proxy, outside the dispatcher
+        dispatcher_own.append(tr["total_ms"] - tr["asks"][0]["ms"])  # the dispatcher's own code
+        hop_e2e.append(tr["asks"][0]["ms"])  # the hop to the expert, model time included
     res["direct_ms_p50"], res["e2e_ms_p50"] = pct(direct, 50), pct(e2e, 50)
+    res["e2e_breakdown_ms_p50"] = {"client_http_proxy": pct(proxy_http, 50), "dispatcher": pct(dispatcher_own, 50),
+                                   "hop_to_expert_incl_model": pct(hop_e2e, 50)}
     res["e2e_vs_direct_ratio"] = res["e2e_ms_p50"] / res["direct_ms_p50"]
     print(f"[bench] e2e p50 {res['e2e_ms_p50']:.1f} ms vs direct {res['direct_ms_p50']:.1f} ms "
           f"(x{res['e2e_vs_direct_ratio']:.2f})", flush=True)
@@ -200,11 +242,13 @@ def main() -> int:
     d.refresh.remote().result()
     d.set_dispatch.remote(scfg.dispatch.mode, scfg.dispatch.width).result()
     tput: dict = {}
+    tok_s: dict = {}
     for batching, size in (("batched", 16), ("unbatched", 1)):
         h.configure_batch.remote(size, scfg.batch.wait_s if size > 1 else 0.0).result()
         for clients in (1, 4, 16):
             per_client = max(2, args.requests // 2 if clients == 1 else args.requests // 4)
             errors: list = []
+            completion_tokens: list[int] = []
 
             def client():
                 with httpx.Client(timeout=300) as c:
@@ -213,6 +257,8 @@ def main() -> int:
                                    json={"model": "e1", "prompt": query, "max_tokens": args.max_tokens})
                         if r.status_code != 200:
                             errors.append(r.status_code)
+                        else:
+                            completion_tokens.append(r.json()["usage"]["completion_tokens"])
 
             threads = [threading.Thread(target=client) for _ in range(clients)]
             t0 = time.perf_counter()
@@ -220,11 +266,15 @@ def main() -> int:
                 t.start()
             for t in threads:
                 t.join()
-            rps = clients * per_client / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            rps = clients * per_client / wall
             tput[f"{batching}_{clients}"] = rps
-            print(f"[bench] {batching}, {clients} clients: {rps:.1f} req/s ({len(errors)} errors)", flush=True)
+            tok_s[f"{batching}_{clients}"] = sum(completion_tokens) / wall
+            print(f"[bench] {batching}, {clients} clients: {rps:.1f} req/s, {sum(completion_tokens) / wall:.0f} "
+                  f"generated tokens/s ({len(errors)} errors)", flush=True)
     h.configure_batch.remote(scfg.batch.max_batch_size, scfg.batch.wait_s).result()
     res["throughput_rps"] = tput
+    res["throughput_generated_tokens_per_s"] = tok_s
     res["batching_throughput_ratio_16_clients"] = tput["batched_16"] / tput["unbatched_16"]
     res["load_avg_end"] = os.getloadavg()
     res["total_s"] = time.perf_counter() - t_start

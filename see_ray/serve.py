@@ -88,7 +88,8 @@ class _ModelReplica:
             base = (model, tok)
         self.model = SEEModel(self.cfg, path, batch_size=self.scfg.batch.size, base=base)
         self._lock = threading.Lock()
-        size, wait = self.scfg.batch.size, self.scfg.batch.wait_s
+        size = self.scfg.batch.size
+        wait = 0.0 if self.scfg.batch.adaptive_wait else self.scfg.batch.wait_s  # idle at start: no waiting
         for m in (self.ask, self.decide, self.generate):
             m.set_max_batch_size(size)
             m.set_batch_wait_timeout_s(wait)
@@ -101,6 +102,13 @@ class _ModelReplica:
         )
         self._m_batch = Histogram("see_replica_batch_size", "Requests per batch.", [1, 2, 4, 8, 16, 32, 64], tag_keys=("expert",))
         self._tags = {"expert": self.adapter or BASE}
+
+    def _adapt_wait(self, method, n: int) -> None:
+        """``batch.adaptive_wait``: the next batch of ``method`` waits ``batch.wait_s`` for more requests only if
+        this one held more than one (the replica is under load); a lone request does not wait for company that
+        is not coming. (serve.batch reads the timeout when a batch starts, so this sets the next batch's.)"""
+        if self.scfg.batch.adaptive_wait and self.scfg.batch.size > 1:
+            method.set_batch_wait_timeout_s(self.scfg.batch.wait_s if n > 1 else 0.0)
 
     async def _run(self, fn, *a):
         def locked():
@@ -180,12 +188,14 @@ class _ModelReplica:
             m.set_max_batch_size(max_batch_size)
             m.set_batch_wait_timeout_s(wait_s)
         self.model.batch_size = max_batch_size
+        self.scfg.batch.max_batch_size, self.scfg.batch.wait_s = max_batch_size, wait_s  # _adapt_wait reads them
         return {"max_batch_size": max_batch_size, "wait_s": wait_s, "pid": os.getpid()}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def generate(self, reqs: list[dict]) -> list[dict]:
         """Generate answers: ``{input, definition?, max_tokens}`` -> ``{answer, prompt_tokens, completion_tokens,
         finish}``. An expert generates as after its ACCEPT; the base answers directly."""
+        self._adapt_wait(self.generate, len(reqs))
         return await self._run(self._generate_batch, reqs, self.adapter is not None)
 
     # placeholders so that _setup can configure every batched method of both kinds of replica
@@ -233,8 +243,8 @@ class ExpertDeployment(_ModelReplica):
             for i, p, a, tok in zip(idx, probs, answers, toks):
                 out[i] = {"p": p, "answer": a, **tok}
         ms = (time.perf_counter() - t0) * 1000
-        for o in out:  # the model's share of the hop (the benchmark derives Serve's overhead from it)
-            o["compute_ms"] = ms
+        for o in out:  # the model's share of the hop, and the batch it ran in (the benchmark reads both)
+            o["compute_ms"], o["batch_size"] = ms, len(reqs)
         self._m_decide.observe(ms, self._tags)
         self._m_batch.observe(len(reqs), self._tags)
         return out
@@ -246,11 +256,13 @@ class ExpertDeployment(_ModelReplica):
         ``{input, definition?, threshold, max_tokens, generate}`` -> ``{p, answer (None if rejected or
         generate=False), prompt_tokens, completion_tokens, finish}``. This is one hop of the dispatcher's walk.
         """
+        self._adapt_wait(self.ask, len(reqs))
         return await self._run(self._ask_batch, reqs)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def decide(self, reqs: list[dict]) -> list[float]:
         """p(ACCEPT) only: ``{input, definition?}`` -> float."""
+        self._adapt_wait(self.decide, len(reqs))
         def run():
             t0 = time.perf_counter()
             ps = self.model.decide([self._query(r) for r in reqs], self.adapter)

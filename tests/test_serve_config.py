@@ -40,3 +40,25 @@ def test_url_includes_the_route_prefix():
 
     assert url_of(ServeConfig()) == "http://127.0.0.1:8000"
     assert url_of(ServeConfig(route_prefix="/team-a", port=9000)) == "http://127.0.0.1:9000/team-a"
+
+
+def test_adaptive_batch_wait_waits_only_under_load():
+    """A lone request runs at once; after a batch of several, the next batch waits batch.wait_s to fill."""
+    from see_ray.serve import _ModelReplica
+
+    class Method:  # stands in for a @serve.batch method's setter
+        wait = None
+
+        def set_batch_wait_timeout_s(self, s):
+            self.wait = s
+
+    replica, m = _ModelReplica(), Method()
+    replica.scfg = ServeConfig.from_yaml(None, ["batch.wait_s=0.05"])
+    replica._adapt_wait(m, 3)
+    assert m.wait == 0.05
+    replica._adapt_wait(m, 1)
+    assert m.wait == 0.0
+    replica.scfg = ServeConfig.from_yaml(None, ["batch.wait_s=0.05", "batch.adaptive_wait=false"])
+    m.wait = None
+    replica._adapt_wait(m, 3)
+    assert m.wait is None  # fixed wait: serve.batch keeps the configured timeout
