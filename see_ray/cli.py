@@ -126,17 +126,35 @@ def cmd_bench_quality(args) -> int:
     names = [t.name for t in all_tasks]
     seq = all_tasks[: args.tasks]
     rest = all_tasks[args.tasks :]
-    pool_names = args.general_pool_tasks.split(",") if args.general_pool_tasks else [t.name for t in rest[:2]]
+    # "builtin": the generic requests of see_ray.demo.general_pool, so that every task of the benchmark can be in
+    # the sequence or held out as OOD (with all 10 SuperNI-CL tasks used, no task is left to serve as the pool).
+    builtin_pool = args.general_pool_tasks == "builtin"
+    if builtin_pool:
+        pool_names = []
+    elif args.general_pool_tasks:
+        pool_names = args.general_pool_tasks.split(",")
+    else:
+        pool_names = [t.name for t in rest[:2]]
     for n in pool_names:
         if n not in names:
             raise SystemExit(f"--general-pool-tasks: unknown task {n!r}")
     ood_names = (
         args.ood_tasks.split(",") if args.ood_tasks else [t.name for t in rest if t.name not in pool_names]
     )
+    for n in ood_names:
+        if n not in names:
+            raise SystemExit(f"--ood-tasks: unknown task {n!r}")
+        if n in pool_names or n in [t.name for t in seq]:
+            raise SystemExit(f"--ood-tasks: {n!r} is in the sequence or the general pool, so it is not out of distribution")
     by_name = {t.name: t for t in all_tasks}
     sub = dict(train=args.train_per_task, dev=args.dev_per_task, test=args.test_per_task)
     seq = [t.subsample(**sub) for t in seq]
-    pool = general_pool_from_tasks([by_name[n].subsample(**sub) for n in pool_names], per_task=args.pool_per_task)
+    if builtin_pool:
+        from .demo import general_pool
+
+        pool = general_pool(n=2 * args.pool_per_task)  # as many as two pool tasks would give
+    else:
+        pool = general_pool_from_tasks([by_name[n].subsample(**sub) for n in pool_names], per_task=args.pool_per_task)
     ood = [by_name[n].subsample(**sub) for n in ood_names]
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     bad = [m for m in methods if m not in METHODS]
@@ -152,7 +170,7 @@ def cmd_bench_quality(args) -> int:
             "machine": machine_description(),
             "complete": complete,
             "tasks": [t.name for t in seq],
-            "general_pool_tasks": pool_names,
+            "general_pool_tasks": ["builtin (see_ray.demo.general_pool)"] if builtin_pool else pool_names,
             "ood_tasks": ood_names,
             "subsample": sub,
             "config": cfg.model_dump(mode="json"),
@@ -205,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dev-per-task", type=int, default=20)
     q.add_argument("--test-per-task", type=int, default=30)
     q.add_argument("--general-pool-tasks", help="comma-separated tasks used as general negatives "
-                   "(default: the 2 tasks after the sequence)")
-    q.add_argument("--pool-per-task", type=int, default=32, help="general-pool queries per pool task")
+                   "(default: the 2 tasks after the sequence), or 'builtin' for see-ray's generic requests")
+    q.add_argument("--pool-per-task", type=int, default=32,
+                   help="general-pool queries per pool task (builtin: twice this many in all)")
     q.add_argument("--ood-tasks", help="comma-separated tasks for the OOD figures (default: all remaining)")
     q.add_argument("--methods", help=f"comma-separated subset of {','.join(('SEE', 'SeqFT', 'Replay', 'MTL', 'Oracle'))}")
     q.add_argument("--out", default="see-ray-output/quality", help="output folder")

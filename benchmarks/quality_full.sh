@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Reproduces docs/results/quality-full.json: all 10 SuperNI-CL tasks, 8 in sequence (the standard order) and the
+# last 2 held out as out-of-distribution tasks. With every task in use, the general pool is see-ray's built-in
+# generic requests (`--general-pool-tasks builtin`), so no OOD task is ever seen as a negative.
+# SEE+Oracle and the baselines run as two processes (one thread each) to use both cores; the JSON is merged by
+# benchmarks/merge_quality.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA="${1:-../shared/data/superni-cl}"
+OUT="${2:-see-ray-output/quality-full}"
+ARGS=(--data "$DATA" --tasks 8 --ood-tasks task1687_sentiment140_classification,task875_emotion_classification
+      --general-pool-tasks builtin --pool-per-task 12 --train-per-task 64 --dev-per-task 10 --test-per-task 16
+      --config benchmarks/quality.yaml)
+see-ray -v bench quality "${ARGS[@]}" --methods SEE,Oracle --out "$OUT/see" > "$OUT-see.log" 2>&1 &
+see-ray -v bench quality "${ARGS[@]}" --methods SeqFT,Replay,MTL --out "$OUT/baselines" > "$OUT-baselines.log" 2>&1 &
+wait
+python benchmarks/merge_quality.py "$OUT/see/quality.json" "$OUT/baselines/quality.json" --out "$OUT"
