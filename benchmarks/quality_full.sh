@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/superni-cl}"
 OUT="${2:-see-ray-output/quality-full}"
+mkdir -p "$OUT"
 ARGS=(--data "$DATA" --tasks 8 --ood-tasks task1687_sentiment140_classification,task875_emotion_classification
       --general-pool-tasks builtin --pool-per-task 12 --train-per-task 64 --dev-per-task 10 --test-per-task 16
       --config benchmarks/quality.yaml)
