@@ -135,16 +135,20 @@ def cmd_bench_quality(args) -> int:
         pool_names = args.general_pool_tasks.split(",")
     else:
         pool_names = [t.name for t in rest[:2]]
-    for n in pool_names:
-        if n not in names:
-            raise SystemExit(f"--general-pool-tasks: unknown task {n!r}")
+
+    def known(flag: str, chosen: list[str]) -> None:
+        for n in chosen:
+            if n not in names:
+                raise SystemExit(f"{flag}: unknown task {n!r}")
+
+    known("--general-pool-tasks", pool_names)
     ood_names = (
         args.ood_tasks.split(",") if args.ood_tasks else [t.name for t in rest if t.name not in pool_names]
     )
+    known("--ood-tasks", ood_names)
+    seq_names = {t.name for t in seq}
     for n in ood_names:
-        if n not in names:
-            raise SystemExit(f"--ood-tasks: unknown task {n!r}")
-        if n in pool_names or n in [t.name for t in seq]:
+        if n in pool_names or n in seq_names:
             raise SystemExit(f"--ood-tasks: {n!r} is in the sequence or the general pool, so it is not out of distribution")
     by_name = {t.name: t for t in all_tasks}
     sub = dict(train=args.train_per_task, dev=args.dev_per_task, test=args.test_per_task)

@@ -220,11 +220,8 @@ class ExpertDeployment(_ModelReplica):
         self.record = rec
         scfg = ServeConfig.model_validate(serve_cfg)
         self._setup(see_cfg, serve_cfg, scfg.expert_settings(rec.name).threads)
-        from .model import fingerprint
-        from .registry import check_served_base
-
         # an adapter on another base model would load (same shapes) and answer garbage: refuse it here too
-        check_served_base([rec], fingerprint(self.model.model_path), self.model.model_path)
+        check_base_of([rec], self.cfg)
         # From the storage URI, on whichever node this replica runs: the folder itself on a shared file
         # system, a downloaded copy from an object store; hash-checked against the record either way.
         path = Registry(storage_uri).adapter_path(rec)
@@ -915,13 +912,12 @@ class Dispatcher:
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request):
         async with self._admit(request):
-            pass
-        data = [{"id": self.scfg.model_name, "object": "model", "created": 0, "owned_by": "see-ray",
-                 "see_kind": "system"},
-                {"id": BASE, "object": "model", "created": 0, "owned_by": "see-ray", "see_kind": "base"}]
-        data += [{"id": e.name, "object": "model", "created": 0, "owned_by": "see-ray", "see_kind": "expert",
-                  "see_task": e.task} for e in self.seq]
-        return {"object": "list", "data": data}
+            data = [{"id": self.scfg.model_name, "object": "model", "created": 0, "owned_by": "see-ray",
+                     "see_kind": "system"},
+                    {"id": BASE, "object": "model", "created": 0, "owned_by": "see-ray", "see_kind": "base"}]
+            data += [{"id": e.name, "object": "model", "created": 0, "owned_by": "see-ray", "see_kind": "expert",
+                      "see_task": e.task} for e in self.seq]
+            return {"object": "list", "data": data}
 
     @fastapi_app.get("/v1/experts")
     async def experts(self, request: Request):
