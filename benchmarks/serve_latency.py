@@ -93,6 +93,29 @@ def set_owner(registry, owner: str | None, active: list[str]) -> None:
             e.status = "active" if e.name in active else "disabled"
 
 
+def noop_round_trip(n: int) -> float:
+    """p50 ms of a DeploymentHandle call to a deployment whose method does nothing (same call pattern as the hop
+    measurement): what Serve itself costs per hop on this machine, with no model, batching or thread behind it."""
+    from ray import serve
+
+    @serve.deployment(name="noop", max_ongoing_requests=16)
+    class Noop:
+        async def ask(self, req: dict) -> dict:
+            return req
+
+    h = serve.run(Noop.bind(), name="see-bench-noop", route_prefix=None)
+    req = {"input": "x", "threshold": 1.0, "max_tokens": 1, "generate": False}
+    for _ in range(5):
+        h.ask.remote(req).result()
+    ms = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        h.ask.remote(req).result()
+        ms.append((time.perf_counter() - t0) * 1000)
+    serve.delete("see-bench-noop")
+    return pct(ms, 50)
+
+
 def profile_direct(model, adapter: str, query: str, max_tokens: int, rows: int, repeats: int) -> dict:
     """Where one replica's time goes, in-process, with the replica's own code path split into its phases:
     tokenization (prompt template + tokenizer), prefill (the decide pass, which keeps the KV cache) and decode
@@ -174,18 +197,25 @@ def main() -> int:
                              "load_avg_start": os.getloadavg()}, "model": args.model, "requests": args.requests,
                  "max_tokens": args.max_tokens}
 
-    # 1) per-hop overhead: handle ask minus the replica's model time
+    # 1) per-hop overhead: handle ask minus the replica's model time, split into Serve's transport (handle,
+    # router, RPC; outside the replica's method) and the replica's own queueing (gate, batch queue, worker
+    # thread); and, for scale, the same round trip to a no-op deployment: Serve's floor on this machine
     h = serve.get_deployment_handle("e1", scfg.expert_app("e1"))
-    over, hop = [], []
+    over, hop, transport, in_replica = [], [], [], []
     for _ in range(args.requests):
         t0 = time.perf_counter()
         r = h.ask.remote({"input": query, "threshold": 1.0, "max_tokens": 1, "generate": False}).result()
         ms = (time.perf_counter() - t0) * 1000
         hop.append(ms)
         over.append(ms - r["compute_ms"])
+        transport.append(ms - r["replica_ms"])
+        in_replica.append(r["replica_ms"] - r["compute_ms"])
     res["hop_overhead_ms_p50"], res["hop_overhead_ms_p99"] = pct(over, 50), pct(over, 99)
     res["hop_ms_p50"] = pct(hop, 50)
-    print(f"[bench] hop overhead p50 {res['hop_overhead_ms_p50']:.2f} ms p99 {res['hop_overhead_ms_p99']:.2f} ms", flush=True)
+    res["hop_overhead_split_ms_p50"] = {"serve_transport": pct(transport, 50), "replica_queueing": pct(in_replica, 50),
+                                        "noop_deployment_round_trip": noop_round_trip(args.requests)}
+    print(f"[bench] hop overhead p50 {res['hop_overhead_ms_p50']:.2f} ms p99 {res['hop_overhead_ms_p99']:.2f} ms "
+          f"{res['hop_overhead_split_ms_p50']}", flush=True)
 
     # 2) end to end vs direct in-process
     direct_model = SEEModel(cfg, mp, batch_size=1)
