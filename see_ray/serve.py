@@ -87,15 +87,7 @@ class _ModelReplica:
             model, tok, self.shared = load_shared_base(self.cfg.model, path)
             base = (model, tok)
         self.model = SEEModel(self.cfg, path, batch_size=self.scfg.batch.size, base=base)
-        self._lock = threading.Lock()
-        self._computing = 0  # batches running in a worker thread (the lock lets one compute at a time)
-        self._idle = asyncio.Event()  # set while nothing computes: the gate in front of the batch queues
-        self._idle.set()
-        size = self.scfg.batch.size
-        wait = 0.0 if self.scfg.batch.adaptive_wait else self.scfg.batch.wait_s  # idle at start: no waiting
-        for m in self._batched():
-            m.set_max_batch_size(size)
-            m.set_batch_wait_timeout_s(wait)
+        self._init_batching()
         from ray.serve.metrics import Histogram
 
         bounds = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
@@ -105,6 +97,19 @@ class _ModelReplica:
         )
         self._m_batch = Histogram("see_replica_batch_size", "Requests per batch.", [1, 2, 4, 8, 16, 32, 64], tag_keys=("expert",))
         self._tags = {"expert": self.adapter or BASE}
+
+    def _init_batching(self) -> None:
+        """The model lock, the gate in front of the batch queues, and the batched methods' size and wait, from
+        ``self.scfg.batch``."""
+        self._lock = threading.Lock()
+        self._computing = 0  # batches running in a worker thread (the lock lets one compute at a time)
+        self._idle = asyncio.Event()  # set while nothing computes: the gate in front of the batch queues
+        self._idle.set()
+        size = self.scfg.batch.size
+        wait = 0.0 if self.scfg.batch.adaptive_wait else self.scfg.batch.wait_s  # idle at start: no waiting
+        for m in self._batched():
+            m.set_max_batch_size(size)
+            m.set_batch_wait_timeout_s(wait)
 
     def _adapt_wait(self, method, n: int) -> None:
         """``batch.adaptive_wait``: the next batch of ``method`` waits ``batch.wait_s`` for more requests only if

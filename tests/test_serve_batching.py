@@ -11,7 +11,6 @@ model.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from types import SimpleNamespace
 
@@ -44,13 +43,7 @@ class _FakeReplica(_ModelReplica):
     def __init__(self, compute_s: float, wait_s: float, adaptive: bool = True):
         self.scfg = ServeConfig.from_yaml(None, ["batch.max_batch_size=16", f"batch.wait_s={wait_s}",
                                                  f"batch.adaptive_wait={adaptive}"])
-        self._lock = threading.Lock()
-        self._computing = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        for m in self._batched():
-            m.set_max_batch_size(16)
-            m.set_batch_wait_timeout_s(0.0 if adaptive else wait_s)
+        self._init_batching()  # what a real replica's _setup does, without loading a model
         self.compute_s, self.batches = compute_s, []
 
     def _generate_batch(self, reqs, after_accept):  # the model's part, run under the lock in a worker thread
