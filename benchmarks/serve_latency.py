@@ -135,7 +135,7 @@ def profile_direct(model, adapter: str, query: str, max_tokens: int, rows: int, 
             _, cache = model._decide_pass(m, ids, mask, keep_cache=True)  # noqa: SLF001
             t2 = time.perf_counter()
             gen_ids, gen_mask, cache = model._after_accept(ids, mask, cache, list(range(rows)))  # noqa: SLF001
-            steps = list(model._decode(m, gen_ids, gen_mask, max_tokens, cache))  # noqa: SLF001
+            steps = list(model._decode(m, gen_ids, gen_mask, max_tokens, cache, True))  # noqa: SLF001
             t3 = time.perf_counter()
             tokens = len(steps)
             for k, v in zip(phases, ((t1 - t0), (t2 - t1), (t3 - t2))):

@@ -99,9 +99,14 @@ def _test_queries(task: Task, with_definition: bool = True) -> list[Query]:
 
 
 class QualityBench:
-    def __init__(self, tasks: list[Task], pool: list[Query], ood: list[Task], cfg: SEEConfig, out_dir: Path):
+    def __init__(self, tasks: list[Task], pool: list[Query], ood: list[Task], cfg: SEEConfig, out_dir: Path,
+                 reuse_adapters: Path | None = None):
+        """``reuse_adapters``: a folder of adapters trained by an earlier run (``<out>/adapters``); an adapter
+        found there under the name this run would train is used as it is, and listed in ``self.reused``."""
         self.tasks, self.pool, self.ood, self.cfg = tasks, pool, ood, cfg
         self.out = out_dir
+        self.reuse_adapters = reuse_adapters
+        self.reused: dict[str, str] = {}
         (self.out / "adapters").mkdir(parents=True, exist_ok=True)
         self.model = SEEModel(cfg)
         self.max_new = cfg.routing.max_new_tokens
@@ -112,6 +117,11 @@ class QualityBench:
         if steps is not None:
             cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"steps": steps})})
         path = self.out / "adapters" / name
+        if self.reuse_adapters is not None and (self.reuse_adapters / name / "adapter_config.json").exists():
+            found = self.reuse_adapters / name
+            log.info("reusing %s from %s (not trained in this run)", name, found)
+            self.reused[name] = str(found)
+            return str(found)
         log.info("training %s on %d examples for %d steps", name, len(examples), cfg.training.steps)
         train_adapter(examples, cfg, self.model.model_path, path, init_adapter=init, meta={"name": name})
         return str(path)

@@ -165,7 +165,10 @@ def cmd_bench_quality(args) -> int:
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
     out = Path(args.out)
-    bench = QualityBench(seq, pool, ood, cfg, out)
+    reuse = Path(args.reuse_adapters) if args.reuse_adapters else None
+    if reuse is not None and not reuse.is_dir():
+        raise SystemExit(f"--reuse-adapters: {reuse} is not a folder")
+    bench = QualityBench(seq, pool, ood, cfg, out, reuse_adapters=reuse)
     t0 = time.perf_counter()
 
     def report(res: dict, complete: bool = False) -> None:
@@ -181,6 +184,8 @@ def cmd_bench_quality(args) -> int:
             "methods": res,
             "timings_s": {**bench.timings, "total": time.perf_counter() - t0},
         }
+        if bench.reused:
+            result["reused_adapters"] = dict(bench.reused)
         write_report(result, out)
 
     report(bench.run(methods, on_method_done=report), complete=True)
@@ -233,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ood-tasks", help="comma-separated tasks for the OOD figures (default: all remaining)")
     q.add_argument("--methods", help=f"comma-separated subset of {','.join(('SEE', 'SeqFT', 'Replay', 'MTL', 'Oracle'))}")
     q.add_argument("--out", default="see-ray-output/quality", help="output folder")
+    q.add_argument("--reuse-adapters", metavar="DIR",
+                   help="take each adapter from DIR/<name> (the adapters/ folder of an earlier run with the same "
+                   "tasks, subsample and training config) instead of training it; the report lists what was reused. "
+                   "For re-evaluating trained experts after a change at inference time, or resuming a stopped run")
     q.set_defaults(fn=cmd_bench_quality)
 
     c = sub.add_parser("config", help="print the effective configuration")

@@ -72,6 +72,15 @@ class IndicatorConfig(_Config):
 
     accept: str = Field(" accept", description="Text of the ACCEPT token; must encode to exactly one token.")
     reject: str = Field(" reject", description="Text of the REJECT token; must encode to exactly one token.")
+    keep_out_of_answers: bool = Field(
+        True,
+        description="An accepting expert's answer never contains either indicator token (greedy decoding takes the "
+        "best other token). Measured on the dev split of the 10-task run (docs/results.md): experts trained for "
+        "10 steps with the indicator weighted 5x went on answering ' accept accept ...' or ' reject reject ...' "
+        "after ACCEPT; with the tokens kept out, relation extraction went from 33.7 to 57.9 ROUGE-L and xsum from "
+        "0.0 to 7.7. The cost: an answer cannot use these two tokens (the words survive as other tokenizations, "
+        "e.g. 'accepted', 'Accept'). Base-model and baseline answers are never affected.",
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> "IndicatorConfig":

@@ -83,6 +83,7 @@ class SEEModel:
         self.model_path = model_path or resolve_model_path(cfg.model)
         self.base, self.tokenizer = base if base is not None else load_base_model(cfg.model, self.model_path)
         self.encoder = PromptEncoder(self.tokenizer, cfg.indicators, cfg.model.max_prompt_tokens)
+        self._indicator_ids = torch.tensor([self.encoder.accept_id, self.encoder.reject_id])
         self.peft = None  # becomes a PeftModel when the first adapter is loaded
         self.adapters: dict[str, str] = {}
         self.batch_size = batch_size  # rows per forward pass; bounds activation memory
@@ -137,14 +138,17 @@ class SEEModel:
             idx = order[k : k + self.batch_size]
             yield idx, [seqs[i] for i in idx]
 
-    def _decode(self, model, ids, mask, max_new_tokens: int, cache=None) -> Iterator[torch.Tensor]:
+    def _decode(self, model, ids, mask, max_new_tokens: int, cache=None, expert_answer: bool = False) -> Iterator[torch.Tensor]:
         """Greedy decoding, one step per iteration: yields every row's next token (a ``[rows]`` tensor; rows that
         already produced EOS yield padding). The one decode loop of the package: batched answers collect it
         (``_texts``), streaming answers (``stream``) hand each step to the client as it is computed.
 
         ``cache``: the KV cache of a pass over a prefix of ``ids`` (the decide pass); only the rest is computed.
         Without it the whole prompt is prefilled first. Left padding: positions start at each row's text.
+        ``expert_answer``: the rows continue an ACCEPT; with ``indicators.keep_out_of_answers`` the indicator
+        tokens are then never chosen.
         """
+        banned = self._indicator_ids if expert_answer and self.cfg.indicators.keep_out_of_answers else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool)
         feed = ids if cache is None else ids[:, cache.get_seq_length() :]
         for _ in range(max_new_tokens):
@@ -153,7 +157,10 @@ class SEEModel:
             out = model(input_ids=feed, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                         **{self._cache_kw: cache})
             cache = out[self._cache_kw]
-            nxt = out.logits[:, -1, :].float().argmax(-1)
+            logits = out.logits[:, -1, :].float()
+            if banned is not None:
+                logits[:, banned] = float("-inf")
+            nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.encoder.pad_id), nxt)
             yield nxt
             done |= nxt == self.encoder.eos_id
@@ -227,7 +234,7 @@ class SEEModel:
                 if not keep:
                     continue
                 gen_ids, gen_mask, cache = self._after_accept(ids, mask, cache, keep)
-                texts = self._texts(self._decode(model, gen_ids, gen_mask, max_new_tokens, cache), len(keep))
+                texts = self._texts(self._decode(model, gen_ids, gen_mask, max_new_tokens, cache, True), len(keep))
                 for r, t in zip(keep, texts):
                     answers[idx[r]] = t
         return probs, answers
@@ -250,7 +257,8 @@ class SEEModel:
         with self._use(adapter) as model:
             for idx, chunk in self._chunks(seqs):
                 ids, mask = self._left_pad(chunk)
-                for i, t in zip(idx, self._texts(self._decode(model, ids, mask, max_new_tokens), len(idx))):
+                steps = self._decode(model, ids, mask, max_new_tokens, expert_answer=after_accept)
+                for i, t in zip(idx, self._texts(steps, len(idx))):
                     answers[i] = t
         return answers
 
@@ -284,7 +292,7 @@ class SEEModel:
                 if threshold is None or p[0] < threshold:
                     return
                 gen_ids, gen_mask, cache = self._after_accept(ids, mask, cache, [0])
-                steps = self._decode(model, gen_ids, gen_mask, max_new_tokens, cache)
+                steps = self._decode(model, gen_ids, gen_mask, max_new_tokens, cache, True)
             text = StreamText(self.tokenizer)
             for tok in steps:
                 piece = text.push(int(tok[0]))

@@ -39,3 +39,79 @@ def test_ood_task_in_the_general_pool_is_refused(bench_dir):
 
 def test_unknown_ood_task_is_refused(bench_dir):
     assert "unknown task 'task999_x'" in run(bench_dir, "--general-pool-tasks", "builtin", "--ood-tasks", "task999_x")
+
+
+def test_reuse_adapters_reevaluates_the_same_experts(bench_dir, tmp_path, tiny_model_path):
+    """--reuse-adapters takes the experts of an earlier run instead of training them: the report lists every
+    reused adapter, and with nothing changed at inference time the figures are the earlier run's."""
+    import json
+
+    from conftest import tiny_overrides
+
+    sets = [a for o in tiny_overrides(tiny_model_path, **{"training.steps": 2}) for a in ("--set", o)]
+    common = ["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
+              "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",
+              "--methods", "SEE,Oracle", *sets]
+    assert main([*common, "--out", str(tmp_path / "first")]) == 0
+    first = json.loads((tmp_path / "first" / "quality.json").read_text())
+    assert "reused_adapters" not in first
+    adapters = tmp_path / "first" / "adapters"
+    assert main([*common, "--out", str(tmp_path / "again"), "--reuse-adapters", str(adapters)]) == 0
+    again = json.loads((tmp_path / "again" / "quality.json").read_text())
+    assert sorted(again["reused_adapters"]) == sorted(p.name for p in adapters.iterdir())
+    assert again["methods"] == first["methods"]
+    assert not (tmp_path / "again" / "adapters" / "see-task001_a").exists()  # nothing was trained
+
+
+def test_reuse_adapters_must_be_a_folder(bench_dir, tmp_path):
+    msg = run(bench_dir, "--general-pool-tasks", "builtin", "--reuse-adapters", str(tmp_path / "nope"))
+    assert "--reuse-adapters" in msg and "nope" in msg
+
+
+def test_merge_quality_runs(tmp_path):
+    """benchmarks/merge_quality.py: runs that split the methods merge into one table, complete once every method
+    is in; a baselines-only run may lack fields that act only on SEE's answers; other differences are refused."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    pub = json.loads((repo / "docs" / "results" / "quality-full.json").read_text())
+    keep = {k: v for k, v in pub.items() if k not in ("methods", "complete", "reused_adapters")}
+    see_cfg = json.loads(json.dumps(pub["config"]))
+    see_cfg["indicators"]["keep_out_of_answers"] = True
+    old_cfg = json.loads(json.dumps(pub["config"]))
+    old_cfg["indicators"].pop("keep_out_of_answers", None)
+    runs = {
+        "see": {**keep, "config": see_cfg, "complete": True,
+                "methods": {m: pub["methods"][m] for m in ("SEE", "Oracle")}},
+        "base": {**keep, "config": old_cfg, "complete": False, "methods": {"SeqFT": pub["methods"]["SeqFT"]}},
+        "mtl": {**keep, "config": old_cfg, "complete": True, "methods": {"MTL": pub["methods"]["MTL"]}},
+        "replay": {**keep, "config": old_cfg, "complete": True, "methods": {"Replay": pub["methods"]["SeqFT"]}},
+    }
+    for name, r in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+
+    def merge(*names):
+        return subprocess.run([sys.executable, str(repo / "benchmarks" / "merge_quality.py"),
+                               *(str(tmp_path / f"{n}.json") for n in names), "--out", str(tmp_path / "m")],
+                              capture_output=True, text=True, timeout=120)
+
+    p = merge("see", "base", "mtl")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "m" / "quality.json").read_text())["complete"] is False  # no Replay yet
+    p = merge("see", "base", "mtl", "replay")
+    assert p.returncode == 0, p.stderr
+    merged = json.loads((tmp_path / "m" / "quality.json").read_text())
+    assert merged["complete"] is True and set(merged["methods"]) == {"SEE", "Oracle", "SeqFT", "MTL", "Replay"}
+    assert merged["config"]["indicators"]["keep_out_of_answers"] is True
+    # an SEE run whose answers were decoded differently is not comparable with another SEE run
+    runs["see2"] = {**runs["see"], "config": old_cfg}
+    (tmp_path / "see2.json").write_text(json.dumps(runs["see2"]))
+    p = merge("see", "see2")
+    assert p.returncode != 0 and "'config' differs" in p.stderr + p.stdout
+    runs["odd"] = {**runs["mtl"], "subsample": {"train": 1, "dev": 1, "test": 1}}
+    (tmp_path / "odd.json").write_text(json.dumps(runs["odd"]))
+    p = merge("see", "odd")
+    assert p.returncode != 0 and "'subsample' differs" in p.stderr + p.stdout

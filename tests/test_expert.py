@@ -143,6 +143,37 @@ def test_stream_decides_then_streams_the_same_answer(model, queries):
     assert seen == {True, False}
 
 
+def test_indicators_kept_out_of_expert_answers(model, queries, monkeypatch):
+    """An expert that would go on emitting ' accept' after ACCEPT (seen in the 10-task run: 'accept accept ...')
+    answers with other tokens when ``indicators.keep_out_of_answers`` is on (the default), in the batched, the
+    recomputed and the streamed path alike; with it off, the same model answers the indicator over and over."""
+    import contextlib
+
+    accept_id = model.encoder.accept_id
+    real_use = model._use
+
+    @contextlib.contextmanager
+    def favours_accept(adapter):
+        with real_use(adapter) as m:
+            def fwd(*a, **kw):
+                out = m(*a, **kw)
+                out.logits[:, -1, accept_id] = 1e4  # the indicator is every step's best token
+                return out
+            yield fwd
+
+    monkeypatch.setattr(model, "_use", favours_accept)
+    qs = queries[:3]
+    on = model.decide_and_generate(qs, "e1", 0.0, MAX_NEW)[1]
+    assert on == model.generate(qs, "e1", MAX_NEW, after_accept=True)
+    assert on[0] == list(model.stream(qs[0], "e1", 0.0, MAX_NEW))[-1]["answer"]
+    for a in on:
+        assert "accept" not in a.split() and "reject" not in a.split(), on
+    ind = model.cfg.indicators
+    monkeypatch.setattr(ind, "keep_out_of_answers", False)
+    off = model.decide_and_generate(qs, "e1", 0.0, MAX_NEW)[1]
+    assert off == [" ".join(["accept"] * MAX_NEW)] * len(qs)
+
+
 # -- generate ----------------------------------------------------------------------------------------
 def test_base_generate_without_any_adapter(cfg, tiny_model_path, model, queries):
     fresh = SEEModel(cfg, tiny_model_path)
