@@ -83,7 +83,7 @@ class SEEModel:
         self.model_path = model_path or resolve_model_path(cfg.model)
         self.base, self.tokenizer = base if base is not None else load_base_model(cfg.model, self.model_path)
         self.encoder = PromptEncoder(self.tokenizer, cfg.indicators, cfg.model.max_prompt_tokens)
-        self._indicator_ids = torch.tensor([self.encoder.accept_id, self.encoder.reject_id])
+        self._indicator_ids = [self.encoder.accept_id, self.encoder.reject_id]  # a list indexes logits on any device
         self.peft = None  # becomes a PeftModel when the first adapter is loaded
         self.adapters: dict[str, str] = {}
         self.batch_size = batch_size  # rows per forward pass; bounds activation memory
