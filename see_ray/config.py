@@ -39,6 +39,13 @@ class ModelConfig(_Config):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weight dtype of the frozen base at inference. float32 is fastest on CPU."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where the base model computes at inference (decide/generate, in Serve replicas and in the job's "
+        "validation step). auto: in a Serve replica, cuda when the replica reserved a GPU (expert.num_gpus / "
+        "base.num_gpus > 0), else cpu (Ray no longer hides the GPUs from actors that reserved none); elsewhere cuda "
+        "when this process sees a GPU. Training places itself (Ray Train's device).",
+    )
     cache_dir: str | None = Field(
         None, description="Where converted checkpoints are cached (default: $SEE_RAY_CACHE or ~/.cache/see-ray)."
     )

@@ -73,15 +73,29 @@ def check_adapter_folder(path: str | Path) -> Path:
     return p
 
 
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` for this process: auto = cuda when a GPU is visible here, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device=cuda, but this process sees no GPU (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
 class SEEModel:
     """The base model and its adapters in one process."""
 
-    def __init__(self, cfg: SEEConfig, model_path: str | None = None, batch_size: int = 16, base=None):
+    def __init__(self, cfg: SEEConfig, model_path: str | None = None, batch_size: int = 16, base=None,
+                 device: str | None = None):
         """``base``: a ready (model, tokenizer) pair, e.g. built around weights shared between the replicas
-        of a node (shared_weights.py); by default this process loads a private copy."""
+        of a node (shared_weights.py); by default this process loads a private copy. ``device``: overrides
+        ``model.device`` (a Serve replica resolves "auto" from the GPUs it reserved)."""
         self.cfg = cfg
         self.model_path = model_path or resolve_model_path(cfg.model)
         self.base, self.tokenizer = base if base is not None else load_base_model(cfg.model, self.model_path)
+        self.device = resolve_device(device or cfg.model.device)
+        if self.device.type != "cpu":
+            self.base.to(self.device)  # adapters loaded later follow their base layers' device (peft)
         self.encoder = PromptEncoder(self.tokenizer, cfg.indicators, cfg.model.max_prompt_tokens)
         self._indicator_ids = [self.encoder.accept_id, self.encoder.reject_id]  # a list indexes logits on any device
         self.peft = None  # becomes a PeftModel when the first adapter is loaded
@@ -129,7 +143,7 @@ class SEEModel:
         for i, s in enumerate(seqs):
             ids[i, n - len(s) :] = torch.tensor(s)
             mask[i, n - len(s) :] = 1
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)
 
     def _chunks(self, seqs: list[list[int]]):
         """Yield (indices, seqs) chunks, length-sorted so that little padding is computed."""
@@ -149,7 +163,7 @@ class SEEModel:
         tokens are then never chosen.
         """
         banned = self._indicator_ids if expert_answer and self.cfg.indicators.keep_out_of_answers else None
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         feed = ids if cache is None else ids[:, cache.get_seq_length() :]
         for _ in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -feed.shape[1] :]
@@ -174,7 +188,7 @@ class SEEModel:
         cols = list(steps)
         if not cols:
             return [""] * rows
-        out = torch.stack(cols, dim=1)
+        out = torch.stack(cols, dim=1).cpu()
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def _decide_pass(self, model, ids, mask, keep_cache: bool):
@@ -187,8 +201,8 @@ class SEEModel:
 
     def _after_accept(self, ids, mask, cache, keep: list[int]):
         """The rows in ``keep`` continued by the ACCEPT token, with their part of the decide pass's cache."""
-        cache.batch_select_indices(torch.tensor(keep))
-        accept = torch.full((len(keep), 1), self.encoder.accept_id, dtype=torch.long)
+        cache.batch_select_indices(torch.tensor(keep, device=ids.device))
+        accept = torch.full((len(keep), 1), self.encoder.accept_id, dtype=torch.long, device=ids.device)
         return torch.cat([ids[keep], accept], dim=1), torch.cat([mask[keep], torch.ones_like(accept)], dim=1), cache
 
     def _chat_prompt(self, q: Query) -> list[int]:

@@ -81,12 +81,18 @@ class _ModelReplica:
         path = resolve_model_path(self.cfg.model)
         self.shared = None  # SharedWeights when this replica maps the node's shared base copy
         base = None
-        if self.scfg.share_base_weights:
+        self.device = self.cfg.model.device
+        if self.device == "auto":  # Ray 2.60 shows every GPU to actors that reserved none: use one only if reserved
+            import ray
+
+            self.device = "cuda" if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
+        # The shared copy saves host memory between CPU replicas; on a GPU each replica holds its own device copy.
+        if self.scfg.share_base_weights and self.device == "cpu":
             from .shared_weights import load_shared_base
 
             model, tok, self.shared = load_shared_base(self.cfg.model, path)
             base = (model, tok)
-        self.model = SEEModel(self.cfg, path, batch_size=self.scfg.batch.size, base=base)
+        self.model = SEEModel(self.cfg, path, batch_size=self.scfg.batch.size, base=base, device=self.device)
         self._init_batching()
         from ray.serve.metrics import Histogram
 
@@ -205,6 +211,14 @@ class _ModelReplica:
                 item = {"answer": item["answer"], **tok}
             yield item
 
+    def _placement(self) -> dict:
+        """Where this replica computes: its model's device and dtype, and the GPUs Ray gave it."""
+        import ray
+
+        p = next(self.model.base.parameters())
+        return {"device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+                "gpu_ids": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]}
+
     def memory(self) -> dict:
         """Where this replica's base weights live (shared mapping or private copy) and its PSS."""
         from .shared_weights import describe_weights
@@ -317,7 +331,7 @@ class ExpertDeployment(_ModelReplica):
         return {"name": self.record.name, "version": self.record.version, "task": self.record.task,
                 "threshold": self.record.threshold, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "fingerprint": self.fingerprint,
-                "adapter_path": self.adapter_path}
+                "adapter_path": self.adapter_path, **self._placement()}
 
 
 @serve.deployment(name=BASE_DEPLOYMENT, max_ongoing_requests=16, health_check_period_s=10)
@@ -333,7 +347,7 @@ class BaseDeployment(_ModelReplica):
         import ray
 
         return {"name": BASE, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, **self._placement()}
 
 
 # == dispatcher ============================================================================================

@@ -317,6 +317,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         "prompts_truncated": encoder.truncated,
         "workers": world,
         "deepspeed": tcfg.deepspeed is not None,
+        **_run_facts(engine, device, autocast_on),
     }
     meta = {**config.get("meta", {}), "training": result}
     module = engine.module if engine is not None else model
@@ -334,6 +335,27 @@ def train_loop_per_worker(config: dict) -> dict | None:
         return None
     write_adapter_atomically(lambda tmp: save_adapter(module, tmp, meta, zero_stage), config["output_dir"])
     return result
+
+
+def _run_facts(engine, device: torch.device, autocast_on: bool) -> dict:
+    """What the run actually trained with (not what was asked for): device, process-group backend, precision
+    and optimizer class, read back from torch.distributed and the DeepSpeed engine."""
+    import torch.distributed as dist
+
+    facts = {
+        "device": str(device),
+        "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+        "bf16": bool(engine.bfloat16_enabled()) if engine is not None else autocast_on,
+        "optimizer": type(engine.optimizer).__name__ if engine is not None else "AdamW",
+    }
+    if engine is not None:  # ZeRO wraps the optimizer; name the one that does the update too
+        inner = getattr(engine.optimizer, "optimizer", None)
+        if inner is not None:
+            facts["optimizer"] += f"({type(inner).__name__})"
+    if device.type == "cuda":
+        facts["gpu_name"] = torch.cuda.get_device_name(device)
+        facts["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return facts
 
 
 def write_adapter_atomically(write, out_dir: str | Path) -> None:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from see_ray.config import SEEConfig
-from see_ray.expert import AdapterError, ExpertRuntime, SEEModel, check_adapter_folder
+from see_ray.expert import AdapterError, ExpertRuntime, SEEModel, check_adapter_folder, resolve_device
 from see_ray.prompts import Query
 
 from conftest import tiny_overrides, torch_threads
@@ -261,3 +261,18 @@ def test_pickle_only_adapter_is_refused(adapter_copy, model):
 def test_adapter_config_is_json_of_a_peft_lora(see_expert1):
     conf = json.loads((check_adapter_folder(see_expert1["path"]) / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == 16
+
+
+def test_model_device_resolution(model):
+    """model.device: auto is cuda only where a GPU is visible; asking for cuda without one fails clearly. The
+    model and every input tensor are on that device (CPU here; the GPU run of docs/results.md is the other case)."""
+    import torch
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want and resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no GPU"):
+            resolve_device("cuda")
+    assert model.device.type == want and next(model.base.parameters()).device.type == want
+    ids, mask = model._left_pad([[1, 2, 3], [4]])
+    assert ids.device.type == want and mask.device.type == want

@@ -190,6 +190,8 @@ def test_train_adapter_writes_a_loadable_adapter_and_learns(tmp_path, tiny_model
     out = tmp_path / "expert-1"
     res = train_adapter(_examples(two_tasks, pool, cfg), cfg, tiny_model_path, out, meta={"name": "expert-1"})
     assert res["steps"] == 12 and res["workers"] == 1 and res["deepspeed"] is False
+    # what it actually trained with, read back from the run (docs/results.md's GPU run reads the same fields)
+    assert res["device"] == "cpu" and res["backend"] is None and res["optimizer"] == "AdamW" and res["bf16"] is False
     assert res["examples"] == len(two_tasks[0].train) + len(pool)
     assert res["tokens"] > 0 and res["tokens_per_s"] > 0
     assert res["final_loss"] < res["first_loss"], res  # it learns
@@ -226,5 +228,7 @@ def test_train_adapter_with_deepspeed_zero2_in_process(tmp_path, tiny_model_path
     out = tmp_path / "expert-ds"
     res = train_adapter(_examples(two_tasks, pool, cfg), cfg, tiny_model_path, out, meta={"name": "expert-ds"})
     assert res["deepspeed"] is True and res["steps"] == 6 and res["workers"] == 1
+    assert res["device"] == "cpu" and res["backend"] == "gloo" and res["bf16"] is False
+    assert res["optimizer"].startswith("DeepSpeedZeroOptimizer"), res["optimizer"]  # ZeRO-2 wrapping torch's Adam
     assert res["final_loss"] < res["first_loss"], res
     _check_adapter(out, tiny_model_path, enc, "expert-ds")
