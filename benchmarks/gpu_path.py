@@ -184,7 +184,10 @@ def ask_cells(url: str, expert_queries: list[str], other_queries: list[str], n: 
               clients: int) -> dict:
     """Latency per kind of request, one client at a time (after a warm-up), plus a concurrent cell."""
     qs = (expert_queries * n)[:n]
-    mixed = ((expert_queries + other_queries) * n)[:n]
+    # every 4th query belongs to no expert (expected: the base), whatever n is
+    mixed = [other_queries[(i // 4) % len(other_queries)] if i % 4 == 3 else expert_queries[i % len(expert_queries)]
+             for i in range(n)]
+    expected = {**{q: EXPERT for q in expert_queries}, **{q: "base" for q in other_queries}}
     for q in mixed[:2]:  # warm-up: first CUDA kernels, first batches
         post(f"{url}/v1/route", {"prompt": q})
         post(f"{url}/v1/chat/completions", chat("see", q, max_tokens))
@@ -192,18 +195,21 @@ def ask_cells(url: str, expert_queries: list[str], other_queries: list[str], n: 
     cells: dict[str, dict] = {}
 
     def run(name: str, make, queries: list[str]):
-        ms, routed, hop_ms, samples = [], {}, [], []
+        ms, routed, hop_ms, samples, as_expected = [], {}, [], [], 0
         for q in queries:
             t, data = post(f"{url}{make(q)[0]}", make(q)[1])
             ms.append(t)
             tr = data.get("see_routing") or data
             routed[tr.get("expert")] = routed.get(tr.get("expert"), 0) + 1
+            as_expected += tr.get("expert") == expected.get(q)
             hop_ms += tr.get("hop_ms") or []
             if len(samples) < 3:
                 answer = (data.get("choices") or [{}])[0].get("message", {}).get("content")
                 samples.append({"query": q, "expert": tr.get("expert"), "answer": answer,
                                 "p_accept": [round(a["p_accept"], 4) for a in tr.get("asks", [])]})
-        cells[name] = {**stats(ms), "answered_by": routed, "replica_hop": stats(hop_ms), "samples": samples}
+        routed_cell = not name.startswith("chat_forced")  # forced requests name their answerer
+        cells[name] = {**stats(ms), "answered_by": routed, "routed_as_expected": as_expected if routed_cell else None,
+                       "replica_hop": stats(hop_ms), "samples": samples}
         log(f"{name}: p50 {cells[name]['p50_ms']} ms over {len(ms)}; answered by {routed}")
 
     run("route_decide_only", lambda q: ("/v1/route", {"prompt": q}), qs)
@@ -213,12 +219,17 @@ def ask_cells(url: str, expert_queries: list[str], other_queries: list[str], n: 
     run("chat_forced_base", lambda q: ("/v1/chat/completions", chat("base", q, max_tokens)), qs)
 
     total = max(n, 4 * clients)
-    queries = ((expert_queries + other_queries) * total)[:total]
+    queries = (mixed * total)[:total]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        ms = [t for t, _ in pool.map(lambda q: post(f"{url}/v1/chat/completions", chat("see", q, max_tokens)), queries)]
+        res = list(pool.map(lambda q: post(f"{url}/v1/chat/completions", chat("see", q, max_tokens)), queries))
     wall = time.perf_counter() - t0
-    cells[f"chat_routed_{clients}_clients"] = {**stats(ms), "requests_per_s": round(len(ms) / wall, 2), "wall_s": round(wall, 2)}
+    ms = [t for t, _ in res]
+    who = [d["see_routing"]["expert"] for _, d in res]
+    cells[f"chat_routed_{clients}_clients"] = {
+        **stats(ms), "requests_per_s": round(len(ms) / wall, 2), "wall_s": round(wall, 2),
+        "answered_by": {w: who.count(w) for w in sorted(set(who))},
+        "routed_as_expected": sum(w == expected.get(q) for q, w in zip(queries, who))}
     log(f"{clients} concurrent clients: {len(ms) / wall:.1f} requests/s, p50 {statistics.median(ms):.1f} ms")
     return cells
 
