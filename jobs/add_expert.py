@@ -364,6 +364,12 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def warm_start_from(doc, name: str):
+    """``training.warm_start``: the expert whose adapter the new one starts from, the newest active expert of
+    the sequence (not an earlier version of the one being replaced); None for the first expert."""
+    return next((e for e in reversed(doc.sequence(include_disabled=False)) if e.name != name), None)
+
+
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     timer = Timer()
@@ -389,6 +395,9 @@ def run(args: argparse.Namespace) -> int:
             doc = registry.load()
             examples, buffer, counts = timer.run("2_reconstruct", build_training_set, inp, doc)
             print(f"[add_expert] reconstructed set: {counts}; negatives from tasks {buffer.tasks()}", flush=True)
+            warm = warm_start_from(doc, args.name) if see.training.warm_start else None
+            if warm is not None:
+                print(f"[add_expert] warm start from expert {warm.name!r} v{warm.version}", flush=True)
             try:
                 outcome: TrainOutcome = timer.run(
                     "3_train",
@@ -397,12 +406,15 @@ def run(args: argparse.Namespace) -> int:
                     see,
                     rt,
                     name=args.name,
-                    meta={"task": task.name, "attempt": attempt},
+                    meta={"task": task.name, "attempt": attempt,
+                          **({"init_from": f"{warm.name} v{warm.version}"} if warm is not None else {})},
                     storage=registry.storage,
                     output_dir=work / f"adapter-{attempt}",
                     # A configured folder is opened as is (shared in a cluster); otherwise every worker
                     # resolves model.name_or_path on its own node (the default is converted once per node).
                     model_path=see.model.name_or_path if os.path.isdir(see.model.name_or_path) else None,
+                    init_expert=None if warm is None else {"storage": registry.storage.uri,
+                                                           "record": warm.model_dump(mode="json")},
                 )
             except Exception as e:  # Ray's TrainingFailedError and friends: the figures are in the message
                 raise Failed(f"training failed: {e}") from e

@@ -122,8 +122,10 @@ class QualityBench:
             log.info("reusing %s from %s (not trained in this run)", name, found)
             self.reused[name] = str(found)
             return str(found)
-        log.info("training %s on %d examples for %d steps", name, len(examples), cfg.training.steps)
-        train_adapter(examples, cfg, self.model.model_path, path, init_adapter=init, meta={"name": name})
+        log.info("training %s on %d examples for %d steps%s", name, len(examples), cfg.training.steps,
+                 f", starting from {init}" if init else "")
+        meta = {"name": name, **({"init_from": str(init)} if init else {})}
+        train_adapter(examples, cfg, self.model.model_path, path, init_adapter=init, meta=meta)
         return str(path)
 
     def _eval_single(self, adapter: str, upto: int) -> list[float | None]:
@@ -142,7 +144,8 @@ class QualityBench:
         for s, task in enumerate(self.tasks):
             name = f"see-{task.name}"
             examples = reconstruct(task, buffer, self.pool, self.cfg.rehearsal)
-            path = self._train(name, examples)
+            warm = experts[-1].adapter_path if self.cfg.training.warm_start and experts else None
+            path = self._train(name, examples, init=warm)
             self.model.load_adapter(name, path)
             dev = [task.query(x, m) for x in task.dev for m in (True, False)]  # calibrate on both prompt modes
             thr = calibrate_threshold(self.model.decide(dev, name), self.cfg.routing)

@@ -278,8 +278,12 @@ def train_on_ray(
     storage: Storage | str | None = None,
     output_dir: str | Path | None = None,
     model_path: str | None = None,
+    init_expert: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """Train one adapter on Ray Train (+ DeepSpeed); Ray must be initialized (see ``ensure_ray``).
+
+    ``init_expert``: ``{"storage": URI, "record": registry record as dict}`` to start from that expert's adapter
+    (``training.warm_start``); every worker reads it from the storage.
 
     ``model_path``: the base checkpoint folder as the workers should open it. None lets every worker resolve
     ``model.name_or_path`` on its own node (the default SmolLM2 is converted once per node), which is what a
@@ -327,6 +331,7 @@ def train_on_ray(
             "see": see.model_dump(mode="json"),
             "model_path": model_path,
             "meta": {"name": name, **(meta or {})},
+            "init_expert": init_expert,
             "ray": True,
         },
         torch_config=TorchConfig(backend=rt.torch_backend()),

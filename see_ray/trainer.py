@@ -205,7 +205,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     see (SEEConfig as dict), model_path (resolved base checkpoint), examples (list of Example dicts;
     absent under Ray: the "train" dataset shard is used), output_dir (in-process: final adapter folder),
-    init_adapter (optional adapter to continue), meta (dict copied into see_meta.json), ray (bool).
+    init_adapter (optional adapter folder to continue), init_expert (optional {"storage": URI, "record":
+    registry record}: start from that registered expert's adapter, read by each worker from the storage, which is
+    what workers on other nodes need), meta (dict copied into see_meta.json), ray (bool).
     """
     cfg = SEEConfig.model_validate(config["see"])
     tcfg = cfg.training
@@ -228,7 +230,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
         raise ValueError("no training examples reached this worker (is the data set smaller than the workers?)")
     t_start = time.perf_counter()
 
-    model, tok = build_trainable(cfg, config["model_path"], config.get("init_adapter"))
+    init = config.get("init_adapter")
+    if config.get("init_expert"):  # warm start (training.warm_start): the registry's copy, hash-checked
+        from .registry import ExpertRecord, Registry
+
+        ref = config["init_expert"]
+        init = str(Registry(ref["storage"]).adapter_path(ExpertRecord.model_validate(ref["record"])))
+    model, tok = build_trainable(cfg, config["model_path"], init)
     encoder = PromptEncoder(tok, cfg.indicators, cfg.model.max_prompt_tokens)
     rows = tokenize(examples, encoder, tcfg.max_target_tokens, tcfg.indicator_loss_weight)
     micro = max(1, tcfg.batch_size // world)

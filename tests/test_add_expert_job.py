@@ -236,10 +236,16 @@ def test_job_stopped_mid_training_leaves_registry_unchanged(jobs, two_experts, t
     assert snapshot(storage) == before
     assert not (storage / "adapters" / "antonyms").exists()
 
-    # the same job again (fewer steps) succeeds
-    sid, proc = jobs.submit(jobs.args(task_dirs["antonyms"], "antonyms", storage, steps=20, bars=0))
-    assert proc.returncode == 0, jobs.logs(sid)[-4000:]
+    # the same job again (fewer steps, and warm-started: training.warm_start) succeeds; the new expert starts from
+    # the newest expert's adapter, which each Ray Train worker reads from the registry's storage
+    sid, proc = jobs.submit(jobs.args(task_dirs["antonyms"], "antonyms", storage, steps=20, bars=0,
+                                      extra=["--set", "training.warm_start=true"]))
+    logs = jobs.logs(sid)
+    assert proc.returncode == 0, logs[-4000:]
+    assert "warm start from expert 'shout' v1" in logs, logs[-4000:]
     assert [e.name for e in Registry(str(storage)).list()] == ["arithmetic", "shout", "antonyms"]
+    meta = json.loads((storage / "adapters" / "antonyms" / "v1" / "see_meta.json").read_text())
+    assert meta["init_from"] == "shout v1", meta
 
 
 # -- concurrency ----------------------------------------------------------------------------------------

@@ -115,3 +115,22 @@ def test_merge_quality_runs(tmp_path):
     (tmp_path / "odd.json").write_text(json.dumps(runs["odd"]))
     p = merge("see", "odd")
     assert p.returncode != 0 and "'subsample' differs" in p.stderr + p.stdout
+
+
+def test_warm_start_starts_each_expert_from_the_previous_one(bench_dir, tmp_path, tiny_model_path):
+    """training.warm_start: SEE's second expert is trained from a copy of the first one's adapter (recorded in its
+    see_meta.json), and the first adapter is left as it was."""
+    import json
+
+    from conftest import tiny_overrides
+
+    sets = [a for o in tiny_overrides(tiny_model_path, **{"training.steps": 2, "training.warm_start": "true"})
+            for a in ("--set", o)]
+    out = tmp_path / "warm"
+    assert main(["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
+                 "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",
+                 "--methods", "SEE", *sets, "--out", str(out)]) == 0
+    first, second = out / "adapters" / "see-task001_a", out / "adapters" / "see-task002_b"
+    assert "init_from" not in json.loads((first / "see_meta.json").read_text())
+    assert json.loads((second / "see_meta.json").read_text())["init_from"] == str(first)
+    assert (first / "adapter_model.safetensors").read_bytes() != (second / "adapter_model.safetensors").read_bytes()
