@@ -1,7 +1,12 @@
 #!/usr/bin/env python
 """Serving latency and throughput of SEE on Ray Serve, in one run (issue 4, acceptance 3).
 
-    python benchmarks/serve_latency.py [--model tiny|real] [--requests 40] [--out docs/results/serve-latency.json]
+    python benchmarks/serve_latency.py [--model tiny|real|random] [--requests 40] [--out docs/results/serve-latency.json]
+
+``--model random --model-config DIR`` builds SmolLM2-135M's architecture with random weights from a folder holding
+its config.json and tokenizer (benchmarks/gpu_path.py's ``random_model``): for machines that cannot install the
+real checkpoint (the device machines here reach no package index). Latency does not depend on the weights' values,
+only on the architecture, the prompt and the number of generated tokens.
 
 Measures, on a local Ray with one replica per deployment:
 1. per-hop Serve overhead: a DeploymentHandle ``ask`` of an expert, minus the model time the replica reports
@@ -54,8 +59,9 @@ def make_adapter(cfg, model_path: str, out: Path) -> Path:
     return out
 
 
-def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None):
-    """(SEEConfig, model path) of the tiny random Llama (real tokenizer) or the real SmolLM2-135M."""
+def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None, model_config: str | None = None):
+    """(SEEConfig, model path) of the tiny random Llama (real tokenizer), the real SmolLM2-135M, or a random-weight
+    model with ``model_config``'s architecture and tokenizer."""
     from see_ray.config import SEEConfig
     from see_ray.model import build_tiny_model, cache_root, resolve_model_path
 
@@ -63,6 +69,13 @@ def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None):
         mp = str(build_tiny_model(cache_root() / "test-models" / "tiny-llama-v1"))
         cfg = SEEConfig.from_yaml(None, [f"model.name_or_path={mp}", "model.max_prompt_tokens=64", "lora.r=16",
                                          "lora.alpha=32", f"routing.max_new_tokens={max_tokens}", *(overrides or [])])
+        return cfg, mp
+    if kind == "random":
+        from gpu_path import random_model  # benchmarks/ is on sys.path when this script runs
+
+        mp = str(random_model(Path(model_config), Path(tempfile.mkdtemp(prefix="see-random-model-"))))
+        cfg = SEEConfig.from_yaml(None, [f"model.name_or_path={mp}", f"routing.max_new_tokens={max_tokens}",
+                                         *(overrides or [])])
         return cfg, mp
     cfg = SEEConfig.from_yaml(None, [f"routing.max_new_tokens={max_tokens}", *(overrides or [])])
     return cfg, resolve_model_path(cfg.model)
@@ -148,8 +161,12 @@ def profile_direct(model, adapter: str, query: str, max_tokens: int, rows: int, 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "real"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "real", "random"], default="tiny")
+    ap.add_argument("--model-config", help="folder with config.json and the tokenizer (for --model random)")
     ap.add_argument("--requests", type=int, default=40, help="requests per latency cell")
+    ap.add_argument("--hop-requests", type=int, default=60,
+                    help="handle asks for the per-hop overhead (cheap: one prefill each; its p50 is the figure "
+                         "closest to a target, so it gets more samples than the other cells)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "serve-latency.json"))
@@ -168,7 +185,11 @@ def main() -> int:
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    cfg, mp = bench_model(args.model, args.max_tokens)
+    if args.model == "random" and not args.model_config:
+        ap.error("--model random needs --model-config")
+    # model.device=cpu: the replicas here reserve no GPU and so compute on the CPU (serve.py), and the direct call
+    # they are compared with must too; on a GPU machine "auto" would put the direct call alone on the GPU.
+    cfg, mp = bench_model(args.model, args.max_tokens, overrides=["model.device=cpu"], model_config=args.model_config)
     work = Path(tempfile.mkdtemp(prefix="see-serve-bench-"))
     adapter = make_adapter(cfg, mp, work / "adapter")
     registry, names = bench_registry(cfg, work, adapter)
@@ -195,14 +216,14 @@ def main() -> int:
         post("e1")
     res: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                              "load_avg_start": os.getloadavg()}, "model": args.model, "requests": args.requests,
-                 "max_tokens": args.max_tokens}
+                 "hop_requests": args.hop_requests, "max_tokens": args.max_tokens}
 
     # 1) per-hop overhead: handle ask minus the replica's model time, split into Serve's transport (handle,
     # router, RPC; outside the replica's method) and the replica's own queueing (gate, batch queue, worker
     # thread); and, for scale, the same round trip to a no-op deployment: Serve's floor on this machine
     h = serve.get_deployment_handle("e1", scfg.expert_app("e1"))
     over, hop, transport, in_replica = [], [], [], []
-    for _ in range(args.requests):
+    for _ in range(args.hop_requests):
         t0 = time.perf_counter()
         r = h.ask.remote({"input": query, "threshold": 1.0, "max_tokens": 1, "generate": False}).result()
         ms = (time.perf_counter() - t0) * 1000
@@ -213,7 +234,7 @@ def main() -> int:
     res["hop_overhead_ms_p50"], res["hop_overhead_ms_p99"] = pct(over, 50), pct(over, 99)
     res["hop_ms_p50"] = pct(hop, 50)
     res["hop_overhead_split_ms_p50"] = {"serve_transport": pct(transport, 50), "replica_queueing": pct(in_replica, 50),
-                                        "noop_deployment_round_trip": noop_round_trip(args.requests)}
+                                        "noop_deployment_round_trip": noop_round_trip(args.hop_requests)}
     print(f"[bench] hop overhead p50 {res['hop_overhead_ms_p50']:.2f} ms p99 {res['hop_overhead_ms_p99']:.2f} ms "
           f"{res['hop_overhead_split_ms_p50']}", flush=True)
 
