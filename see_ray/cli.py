@@ -116,6 +116,13 @@ def _demo_in_process(args) -> int:
 
 
 # -- bench ------------------------------------------------------------------------------------------------
+# --general-pool-tasks values that name a built-in pool, and how the report lists them
+BUILTIN_POOLS = {
+    "builtin": "builtin (see_ray.demo.general_pool)",
+    "builtin-instructions": "builtin-instructions (see_ray.demo.general_pool + instruction_pool)",
+}
+
+
 def cmd_bench_quality(args) -> int:
     from .bench import METHODS, QualityBench, machine_description, write_report
     from .data import load_benchmark
@@ -127,8 +134,10 @@ def cmd_bench_quality(args) -> int:
     seq = all_tasks[: args.tasks]
     rest = all_tasks[args.tasks :]
     # "builtin": the generic requests of see_ray.demo.general_pool, so that every task of the benchmark can be in
-    # the sequence or held out as OOD (with all 10 SuperNI-CL tasks used, no task is left to serve as the pool).
-    builtin_pool = args.general_pool_tasks == "builtin"
+    # the sequence or held out as OOD (with all 10 SuperNI-CL tasks used, no task is left to serve as the pool);
+    # "builtin-instructions": half of them, half instruction-style requests of other task families
+    # (see_ray.demo.instruction_pool), so that experts also learn to reject tasks, not only questions.
+    builtin_pool = args.general_pool_tasks in BUILTIN_POOLS
     if builtin_pool:
         pool_names = []
     elif args.general_pool_tasks:
@@ -154,9 +163,12 @@ def cmd_bench_quality(args) -> int:
     sub = dict(train=args.train_per_task, dev=args.dev_per_task, test=args.test_per_task)
     seq = [t.subsample(**sub) for t in seq]
     if builtin_pool:
-        from .demo import general_pool
+        from .demo import general_pool, instruction_pool
 
-        pool = general_pool(n=2 * args.pool_per_task)  # as many as two pool tasks would give
+        if args.general_pool_tasks == "builtin":
+            pool = general_pool(n=2 * args.pool_per_task)  # as many as two pool tasks would give
+        else:
+            pool = general_pool(n=args.pool_per_task) + instruction_pool(n=args.pool_per_task)
     else:
         pool = general_pool_from_tasks([by_name[n].subsample(**sub) for n in pool_names], per_task=args.pool_per_task)
     ood = [by_name[n].subsample(**sub) for n in ood_names]
@@ -177,7 +189,7 @@ def cmd_bench_quality(args) -> int:
             "machine": machine_description(),
             "complete": complete,
             "tasks": [t.name for t in seq],
-            "general_pool_tasks": ["builtin (see_ray.demo.general_pool)"] if builtin_pool else pool_names,
+            "general_pool_tasks": [BUILTIN_POOLS[args.general_pool_tasks]] if builtin_pool else pool_names,
             "ood_tasks": ood_names,
             "subsample": sub,
             "config": cfg.model_dump(mode="json"),
@@ -232,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dev-per-task", type=int, default=20)
     q.add_argument("--test-per-task", type=int, default=30)
     q.add_argument("--general-pool-tasks", help="comma-separated tasks used as general negatives "
-                   "(default: the 2 tasks after the sequence), or 'builtin' for see-ray's generic requests")
+                   "(default: the 2 tasks after the sequence), 'builtin' for see-ray's generic requests, or "
+                   "'builtin-instructions' for half generic requests, half instruction-style tasks of other families")
     q.add_argument("--pool-per-task", type=int, default=32,
-                   help="general-pool queries per pool task (builtin: twice this many in all)")
+                   help="general-pool queries per pool task (builtin pools: twice this many in all)")
     q.add_argument("--ood-tasks", help="comma-separated tasks for the OOD figures (default: all remaining)")
     q.add_argument("--methods", help=f"comma-separated subset of {','.join(('SEE', 'SeqFT', 'Replay', 'MTL', 'Oracle'))}")
     q.add_argument("--out", default="see-ray-output/quality", help="output folder")

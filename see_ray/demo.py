@@ -102,6 +102,48 @@ def general_pool(n: int = 48, seed: int = 0) -> list[Query]:
     return out
 
 
+# Instruction-style requests (a SuperNI-like definition and an input) of task families that neither the demo tasks
+# nor the SuperNI-CL benchmark hold: word games, formatting, unit and date conversion, code, grammar. Chit-chat alone
+# teaches an expert to reject questions, not tasks: with only the chat pool, every held-out SuperNI task of the
+# 10-task run was accepted by some expert (docs/results.md, "OOD"). Each entry: (definition, input template); the
+# template's fields: {w} {w2} {w3} words, {c} a country, {a} {b} {d} {e} numbers, {day} a day of the month.
+_INSTRUCTION_TASKS = [
+    ("In this task, you are given an English word. Translate it into French.", "{w}"),
+    ("Count the letters in the given word and answer with the number.", "{w}"),
+    ("You are given a list of integers. Sort the list in ascending order.", "[{a}, {b}, {e}, {d}]"),
+    ("Convert the given temperature from degrees Celsius to degrees Fahrenheit.", "{a} degrees Celsius"),
+    ("The given sentence contains a grammatical error. Rewrite the sentence correctly.",
+     "She go to the {w} every morning and {w2} there."),
+    ("Write a Python function that does what the description says.", "Return the {w} count of a list of {w2}s."),
+    ("Given the name of a country, answer with its capital city.", "{c}"),
+    ("Write a short catchy title for the product described.", "A lightweight {w} made of recycled {w2}, for travel."),
+    ("Rewrite the given date in the format YYYY-MM-DD.", "March {day}, 19{b}"),
+    ("Given a word, answer with a word that rhymes with it.", "{w}"),
+    ("Rewrite the sentence in the passive voice.", "The {w} pushed the old {w2} into the {w3}."),
+    ("Given a list of words, return them in alphabetical order.", "{w}, {w2}, {w3}"),
+    ("Write the plural form of the given noun.", "{w}"),
+    ("Reverse the order of the characters of the given word.", "{w}"),
+    ("Given two numbers, answer with the larger one.", "{a} and {b}"),
+    ("Turn the given sentence into a yes/no question.", "The {w} is next to the {w2}."),
+]
+
+
+def instruction_pool(n: int = 24, seed: int = 0) -> list[Query]:
+    """Instruction-style queries of tasks outside every built-in and benchmark task family (``_INSTRUCTION_TASKS``),
+    half with their definition and half input-only, as the experts' own training prompts are written."""
+    rng = random.Random(f"instructions:{seed}")
+    out = []
+    for i in range(n):
+        definition, template = _INSTRUCTION_TASKS[i % len(_INSTRUCTION_TASKS)]
+        w, w2, w3 = rng.sample(_WORDS, 3)
+        a, b, d, e = (rng.randint(2, 99) for _ in range(4))
+        text = template.format(w=w, w2=w2, w3=w3, c=rng.choice(_COUNTRIES), a=a, b=b, d=d, e=e, day=rng.randint(1, 28))
+        # alternate per round, so that every task appears both with and without its definition
+        with_definition = (i + i // len(_INSTRUCTION_TASKS)) % 2 == 0
+        out.append(Query(text, definition if with_definition else None))
+    return out
+
+
 def unrelated_queries() -> list[Query]:
     """A handful of queries the demo asks that no expert was trained on and that the pool does not hold."""
     return [

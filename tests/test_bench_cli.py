@@ -134,3 +134,30 @@ def test_warm_start_starts_each_expert_from_the_previous_one(bench_dir, tmp_path
     assert "init_from" not in json.loads((first / "see_meta.json").read_text())
     assert json.loads((second / "see_meta.json").read_text())["init_from"] == str(first)
     assert (first / "adapter_model.safetensors").read_bytes() != (second / "adapter_model.safetensors").read_bytes()
+
+
+def test_builtin_instructions_pool_mixes_requests_and_instruction_tasks(bench_dir, monkeypatch):
+    """--general-pool-tasks builtin-instructions: half the pool is the chat pool, half instruction-style tasks of
+    other families, each family with and without its definition."""
+    import see_ray.bench as bench
+    from see_ray.demo import _INSTRUCTION_TASKS, general_pool
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, tasks, pool, ood, cfg, out, reuse_adapters=None):
+        seen["pool"] = pool
+        raise Stop
+
+    monkeypatch.setattr(bench.QualityBench, "__init__", capture)
+    with pytest.raises(Stop):
+        main(["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks",
+              "builtin-instructions", "--pool-per-task", "32"])
+    pool = seen["pool"]
+    assert len(pool) == 64 and pool[:32] == general_pool(n=32)
+    definitions = {d for d, _ in _INSTRUCTION_TASKS}
+    instr = pool[32:]
+    assert {q.definition for q in instr if q.definition} == definitions  # every family, with its definition
+    assert sum(q.definition is None for q in instr) == 16  # and as many raw inputs
