@@ -10,10 +10,13 @@ from pathlib import Path
 from see_ray.bench import METHODS, write_report
 
 SAME = ("tasks", "general_pool_tasks", "ood_tasks", "subsample", "config")
-# Config fields that act only on SEE's experts (answers after ACCEPT; how a new expert is initialised): a run of
-# the baselines alone may differ from the SEE run in them (or predate them), and is still comparable.
+# Config fields that act only on SEE's experts (answers after ACCEPT; how a new expert is initialised; which
+# negatives it is trained on): a run of the baselines alone may differ from the SEE run in them (or predate them),
+# and is still comparable. The baselines never use negatives, so the general pool is SEE-only too.
 BASELINES = {"SeqFT", "Replay", "MTL"}
-SEE_ONLY = (("indicators", "keep_out_of_answers"), ("training", "warm_start"))
+SEE_ONLY = (("indicators", "keep_out_of_answers"), ("training", "warm_start"), ("rehearsal", "negatives_per_task"),
+            ("rehearsal", "general_pool_size"))
+SEE_ONLY_KEYS = ("general_pool_tasks",)
 
 
 # Fields added to the configuration after some published runs were made, with the value that gives the behaviour
@@ -45,11 +48,14 @@ def main() -> None:
     runs = [json.loads(Path(p).read_text()) for p in args.inputs]
     first = runs[0]
     for p, r in zip(args.inputs[1:], runs[1:]):
+        baselines_only = set(r["methods"]) <= BASELINES or set(first["methods"]) <= BASELINES
         for k in SAME:
             a, b = r[k], first[k]
+            if k in SEE_ONLY_KEYS and baselines_only:
+                continue
             if k == "config":
                 a, b = with_added_fields(a), with_added_fields(b)
-                if set(r["methods"]) <= BASELINES or set(first["methods"]) <= BASELINES:
+                if baselines_only:
                     a, b = without_see_only(a), without_see_only(b)
             if a != b:
                 raise SystemExit(f"{p}: {k!r} differs from {args.inputs[0]}; these runs cannot be merged")

@@ -115,6 +115,15 @@ def test_merge_quality_runs(tmp_path):
     (tmp_path / "odd.json").write_text(json.dumps(runs["odd"]))
     p = merge("see", "odd")
     assert p.returncode != 0 and "'subsample' differs" in p.stderr + p.stdout
+    # which negatives SEE's experts learn from (how many per earlier task, which pool) never reaches the baselines
+    fewer = json.loads(json.dumps(see_cfg))
+    fewer["rehearsal"].update(negatives_per_task=4, general_pool_size=8)
+    runs["see3"] = {**runs["see"], "config": fewer, "general_pool_tasks": ["another pool"]}
+    (tmp_path / "see3.json").write_text(json.dumps(runs["see3"]))
+    p = merge("see3", "base", "mtl", "replay")
+    assert p.returncode == 0, p.stderr
+    p = merge("see", "see3")  # but two SEE runs with different negatives are different methods
+    assert p.returncode != 0 and "differs" in p.stderr + p.stdout
 
 
 def test_warm_start_starts_each_expert_from_the_previous_one(bench_dir, tmp_path, tiny_model_path):
