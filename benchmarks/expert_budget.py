@@ -22,10 +22,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from ood_diagnosis import load_run  # benchmarks/ is on sys.path when this script runs
 
 from see_ray import metrics
-from see_ray.config import SEEConfig
-from see_ray.data import load_benchmark
 from see_ray.demo import general_pool, instruction_pool
 from see_ray.expert import SEEModel
 from see_ray.rehearsal import RehearsalBuffer, reconstruct
@@ -58,9 +57,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    run = json.load(open(args.quality_json))
-    cfg = SEEConfig.model_validate(run["config"])
-    by_name = {t.name: t.subsample(**run["subsample"]) for t in load_benchmark(args.data)}
+    run, cfg, by_name = load_run(args.quality_json, args.data)
     seq = [by_name[n] for n in run["tasks"]]
     pool = run_pool(run, args.pool_per_task)
     model = SEEModel(cfg)

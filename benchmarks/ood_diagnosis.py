@@ -32,6 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEP = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999)  # global thresholds tried in part 3
 
 
+def load_run(quality_json: str, data_dir: str) -> tuple[dict, SEEConfig, dict]:
+    """A finished quality run: its JSON, its configuration, and its tasks by name, subsampled as the run did."""
+    run = json.loads(Path(quality_json).read_text())
+    by_name = {t.name: t.subsample(**run["subsample"]) for t in load_benchmark(data_dir)}
+    return run, SEEConfig.model_validate(run["config"]), by_name
+
+
 def first_accept(ps: dict[str, list[float]], order: list[str], thr: dict[str, float], i: int) -> str:
     """The expert that answers query ``i`` in the walk over ``order`` (``base`` if all reject)."""
     return next((e for e in order if ps[e][i] >= thr[e]), "base")
@@ -47,11 +54,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    run = json.load(open(args.quality_json))
-    cfg = SEEConfig.model_validate(run["config"])
-    see = run["methods"]["SEE"]
-    thresholds: dict[str, float] = see["thresholds"]
-    by_name = {t.name: t.subsample(**run["subsample"]) for t in load_benchmark(args.data)}
+    run, cfg, by_name = load_run(args.quality_json, args.data)
+    thresholds: dict[str, float] = run["methods"]["SEE"]["thresholds"]
     seq = [by_name[n] for n in run["tasks"]]
     ood = [by_name[n] for n in run["ood_tasks"]]
     experts = [f"see-{t.name}" for t in seq]  # registration order
