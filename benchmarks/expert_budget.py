@@ -25,7 +25,7 @@ import torch
 from ood_diagnosis import load_run  # benchmarks/ is on sys.path when this script runs
 
 from see_ray import metrics
-from see_ray.demo import general_pool, instruction_pool
+from see_ray.demo import builtin_pool
 from see_ray.expert import SEEModel
 from see_ray.rehearsal import RehearsalBuffer, reconstruct
 from see_ray.trainer import train_adapter
@@ -34,13 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_pool(run: dict, pool_per_task: int) -> list:
-    """The general pool of the run (built-in pools only: the published 10-task runs use them)."""
-    name = run["general_pool_tasks"][0]
-    if name.startswith("builtin-instructions"):
-        return general_pool(n=pool_per_task) + instruction_pool(n=pool_per_task)
-    if name.startswith("builtin"):
-        return general_pool(n=2 * pool_per_task)
-    raise SystemExit(f"this script rebuilds built-in pools only, not {run['general_pool_tasks']}")
+    """The general pool of the run (built-in pools only: the published 10-task runs use them). The report lists a
+    built-in pool as its --general-pool-tasks value followed by a description."""
+    kind = run["general_pool_tasks"][0].split()[0]
+    try:
+        return builtin_pool(kind, pool_per_task)
+    except ValueError:
+        raise SystemExit(f"this script rebuilds built-in pools only, not {run['general_pool_tasks']}") from None
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import torch
 from see_ray.config import SEEConfig
 from see_ray.data import load_benchmark
 from see_ray.expert import SEEModel
+from see_ray.router import ordered
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999)  # global thresholds tried in part 3
@@ -59,7 +60,7 @@ def main() -> None:
     seq = [by_name[n] for n in run["tasks"]]
     ood = [by_name[n] for n in run["ood_tasks"]]
     experts = [f"see-{t.name}" for t in seq]  # registration order
-    order = experts[::-1] if cfg.routing.order == "newest_first" else experts
+    order = ordered(experts, cfg.routing.order)  # the router's own rule (newest first by default)
     model = SEEModel(cfg)
     for e in experts:
         model.load_adapter(e, Path(args.adapters) / e)

@@ -163,12 +163,9 @@ def cmd_bench_quality(args) -> int:
     sub = dict(train=args.train_per_task, dev=args.dev_per_task, test=args.test_per_task)
     seq = [t.subsample(**sub) for t in seq]
     if builtin_pool:
-        from .demo import general_pool, instruction_pool
+        from .demo import builtin_pool as make_builtin_pool
 
-        if args.general_pool_tasks == "builtin":
-            pool = general_pool(n=2 * args.pool_per_task)  # as many as two pool tasks would give
-        else:
-            pool = general_pool(n=args.pool_per_task) + instruction_pool(n=args.pool_per_task)
+        pool = make_builtin_pool(args.general_pool_tasks, args.pool_per_task)
     else:
         pool = general_pool_from_tasks([by_name[n].subsample(**sub) for n in pool_names], per_task=args.pool_per_task)
     ood = [by_name[n].subsample(**sub) for n in ood_names]

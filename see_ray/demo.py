@@ -144,6 +144,17 @@ def instruction_pool(n: int = 24, seed: int = 0) -> list[Query]:
     return out
 
 
+def builtin_pool(kind: str, per_task: int) -> list[Query]:
+    """The general pool that ``see-ray bench quality --general-pool-tasks KIND`` uses, as many queries as two pool
+    tasks of ``per_task`` queries each would give: ``builtin`` is chat requests only, ``builtin-instructions`` half
+    of them and half instruction-style tasks of other families."""
+    if kind == "builtin":
+        return general_pool(n=2 * per_task)
+    if kind == "builtin-instructions":
+        return general_pool(n=per_task) + instruction_pool(n=per_task)
+    raise ValueError(f"unknown built-in pool {kind!r}: 'builtin' or 'builtin-instructions'")
+
+
 def unrelated_queries() -> list[Query]:
     """A handful of queries the demo asks that no expert was trained on and that the pool does not hold."""
     return [
