@@ -15,6 +15,7 @@ of data.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -71,12 +72,27 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions whose next token is a target in some row of the batch: the only logits the loss
+    reads. Targets are short (an indicator, a few answer tokens) next to their prompts, so asking the model for
+    logits at these positions only (``logits_to_keep``) skips most of the output head over the 49k vocabulary and
+    its float32 logits: 7% of a step on the demo's batches (1.22 s -> 1.14 s, one thread, interleaved runs), with
+    the same losses. That is within this 2-core VM's run-to-run noise for whole runs (docs/results.md)."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+
+
+def weighted_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next-token cross-entropy on target tokens, weighted per token (see TrainConfig.indicator_loss_weight).
 
-    With all weights 1 this is exactly the usual token-mean SFT loss.
+    ``logits`` cover every position, or only ``positions`` (``loss_positions``) when given. With all weights 1
+    this is exactly the usual token-mean SFT loss.
     """
-    logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+    if positions is None:  # position t predicts token t + 1
+        logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+    else:
+        labels, weights = labels[:, positions + 1], weights[:, positions + 1]
     # Select the target positions first: log-softmax over the 49k vocabulary is ~40% of a step, and the
     # prompt positions (most of them) would only be masked out afterwards (measured: 2.8 s -> 2.0 s a step).
     keep = labels != IGNORE
@@ -165,6 +181,24 @@ def use_bf16(tcfg: TrainConfig, device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # native bf16 kernels, not emulation
 
 
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op, which training never calls.
+
+    On CPU, DeepSpeed's communication backend compiles ``deepspeed_shm_comm`` when it is created (46 s of g++
+    on a fresh 2-core machine, measured; cached afterwards under TORCH_EXTENSIONS_DIR), but only
+    ``inference_all_reduce`` uses it: ZeRO's gradient all-reduce goes through torch.distributed (gloo). The op
+    is skipped by marking it incompatible in DeepSpeed's probe of compatible ops, which the backend consults
+    before building (``deepspeed.comm.torch.build_shm_op``); if that internal table moves in a later
+    DeepSpeed, the op is simply built as before.
+    """
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (AttributeError, TypeError, ImportError):
+        pass
+
+
 def _init_single_process_group() -> None:
     """DeepSpeed needs a process group even for one in-process worker."""
     import torch.distributed as dist
@@ -247,6 +281,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     if tcfg.deepspeed is not None:
         import deepspeed
 
+        if not on_gpu:
+            _skip_shm_comm_build()
         if not in_ray:
             _init_single_process_group()
         ds = deepspeed_config(tcfg, micro, world, on_gpu)
@@ -274,12 +310,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
     losses: list[float] = []
     window_t, window_tok = time.perf_counter(), 0
     batches = _batches(rows, micro, tcfg.seed + rank)
+    # transformers' causal LMs take logits_to_keep (an int or the positions) since 4.50; older architectures
+    # without it compute every position's logits
+    keep_logits = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
     for step in range(1, tcfg.steps + 1):
         batch = {k: v.to(device) for k, v in collate(next(batches), encoder.pad_id).items()}
         n_tok = int(batch["attention_mask"].sum())
-        with amp:
-            logits = (engine or model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = weighted_loss(logits, batch["labels"], batch["weights"])
+        positions = loss_positions(batch["labels"]) if keep_logits else None
+        head = {"logits_to_keep": positions} if keep_logits else {}
+        with amp:  # no KV cache: training never generates
+            logits = (engine or model)(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **head
+            ).logits
+        loss = weighted_loss(logits, batch["labels"], batch["weights"], positions)
         if engine is not None:
             engine.backward(loss)
             engine.step()

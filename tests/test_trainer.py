@@ -17,6 +17,7 @@ from see_ray.trainer import (
     META_FILE,
     collate,
     deepspeed_config,
+    loss_positions,
     tokenize,
     train_adapter,
     weighted_loss,
@@ -111,6 +112,21 @@ def test_weighted_loss_equals_hf_loss_with_unit_weights(enc, tiny_model):
         ours = weighted_loss(out.logits, b["labels"], b["weights"])
     assert out.loss.item() > 1.0  # a random model: a real, non-trivial loss
     assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_loss_on_kept_logits_equals_full_loss(enc, tiny_model):
+    """The training loop asks the model for logits at the target positions only; the loss must not change."""
+    rows = tokenize(EXAMPLES, enc, max_target_tokens=8, indicator_weight=3.0)
+    b = collate(rows, enc.pad_id)
+    pos = loss_positions(b["labels"])
+    assert 0 < len(pos) < b["input_ids"].shape[1] - 1  # fewer logits than positions, yet every target covered
+    with torch.no_grad():
+        full = tiny_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        kept = tiny_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=pos).logits
+    assert kept.shape[1] == len(pos)
+    assert weighted_loss(kept, b["labels"], b["weights"], pos).item() == pytest.approx(
+        weighted_loss(full, b["labels"], b["weights"]).item(), rel=1e-5
+    )
 
 
 def test_weighted_loss_weights_tokens(enc, tiny_model):
@@ -217,7 +233,11 @@ def single_process_env(monkeypatch):
         dist.destroy_process_group()
 
 
-def test_train_adapter_with_deepspeed_zero2_in_process(tmp_path, tiny_model_path, two_tasks, pool, enc, single_process_env):
+def test_train_adapter_with_deepspeed_zero2_in_process(
+    tmp_path, tiny_model_path, two_tasks, pool, enc, single_process_env, monkeypatch
+):
+    # DeepSpeed would JIT-compile its CPU shared-memory op here (46 s on 2 cores) although training never uses it
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch-extensions"))
     cfg = SEEConfig.from_yaml(
         None,
         tiny_overrides(
@@ -232,3 +252,7 @@ def test_train_adapter_with_deepspeed_zero2_in_process(tmp_path, tiny_model_path
     assert res["optimizer"].startswith("DeepSpeedZeroOptimizer"), res["optimizer"]  # ZeRO-2 wrapping torch's Adam
     assert res["final_loss"] < res["first_loss"], res
     _check_adapter(out, tiny_model_path, enc, "expert-ds")
+    import deepspeed.ops
+
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert not (tmp_path / "torch-extensions" / "deepspeed_shm_comm").exists()
