@@ -15,7 +15,6 @@ of data.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -310,17 +309,16 @@ def train_loop_per_worker(config: dict) -> dict | None:
     losses: list[float] = []
     window_t, window_tok = time.perf_counter(), 0
     batches = _batches(rows, micro, tcfg.seed + rank)
-    # transformers' causal LMs take logits_to_keep (an int or the positions) since 4.50; older architectures
-    # without it compute every position's logits
-    keep_logits = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
     for step in range(1, tcfg.steps + 1):
         batch = {k: v.to(device) for k, v in collate(next(batches), encoder.pad_id).items()}
         n_tok = int(batch["attention_mask"].sum())
-        positions = loss_positions(batch["labels"]) if keep_logits else None
-        head = {"logits_to_keep": positions} if keep_logits else {}
+        # logits_to_keep takes positions as well as a count; the expert's decide pass (expert.py) already relies on
+        # the base model accepting it
+        positions = loss_positions(batch["labels"])
         with amp:  # no KV cache: training never generates
             logits = (engine or model)(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **head
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=positions,
             ).logits
         loss = weighted_loss(logits, batch["labels"], batch["weights"], positions)
         if engine is not None:
