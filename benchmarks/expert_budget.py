@@ -25,10 +25,10 @@ import torch
 from ood_diagnosis import load_run  # benchmarks/ is on sys.path when this script runs
 
 from see_ray import metrics
-from see_ray.demo import builtin_pool
-from see_ray.expert import SEEModel
-from see_ray.rehearsal import RehearsalBuffer, reconstruct
-from see_ray.trainer import train_adapter
+from see_ray.tools.builtin import builtin_pool
+from see_ray.core.expert import SEEModel
+from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
+from see_ray.core.trainer import train_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 

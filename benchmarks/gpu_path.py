@@ -11,7 +11,7 @@ Everything goes through see-ray's own code, the same functions `see-ray demo`, `
    Hugging Face ``config.json`` and the tokenizer, e.g. SmolLM2-135M's) and saves it as a checkpoint; weights
    are random, so answers and routing quality mean nothing, and what is measured is the GPU path itself
    (placement, nccl, bf16, throughput, latency). ``--model PATH`` takes an existing checkpoint folder;
-3. one expert (the demo's ``arithmetic`` task) added by the add-expert job (``jobs/add_expert.py`` imported and
+3. one expert (the demo's ``arithmetic`` task) added by the add-expert job (``see_ray.training.add_expert``, imported and
    run with its own argument parser: reconstruction, Ray Train + DeepSpeed ZeRO-2 with ``--gpu``, validation,
    registration). On a GPU: one Ray Train worker holding the GPU, nccl, DeepSpeed bf16. DeepSpeed's FusedAdam is
    built once before (JIT, ``--fused-adam-timeout``) into the extensions folder the worker is given; if that
@@ -148,7 +148,7 @@ def plain_arch_list() -> dict | None:
 
 def torch_adam_deepspeed(path: Path) -> Path:
     """The shipped ZeRO-2 config with torch's AdamW as DeepSpeed's optimizer (no compiled op needed)."""
-    from see_ray.train_ray import SHIPPED_DEEPSPEED
+    from see_ray.config.train import SHIPPED_DEEPSPEED
 
     ds = json.loads(SHIPPED_DEEPSPEED["zero2"].read_text())
     ds["optimizer"]["params"]["torch_adam"] = True
@@ -359,16 +359,18 @@ def run_path(args, out: dict, work: Path, overrides: list[str], use_gpu: bool) -
     import ray
     from ray import serve
 
-    from see_ray.demo import add_expert_job, arithmetic_task, unrelated_queries, write_task_folder
+    from see_ray.tools.builtin import arithmetic_task, unrelated_queries
+    from see_ray.tools.demo import write_task_folder
     from see_ray.registry import Registry
     from see_ray.serve import deploy_all, url_of
-    from see_ray.serve_config import ServeConfig
-    from see_ray.train_ray import load_job_configs
+    from see_ray.config.serve import ServeConfig
+    from see_ray.config.train import JobConfig
 
     tim = out["timings_s"]
     storage = work / "storage"
     task = arithmetic_task(n=args.train_per_task)
-    job = add_expert_job()
+    from see_ray.training import add_expert as job
+
 
     # 4. train + validate + register, by the add-expert job
     argv = ["--task", str(write_task_folder(task, work / "tasks" / task.name)), "--name", EXPERT,
@@ -411,7 +413,7 @@ def run_path(args, out: dict, work: Path, overrides: list[str], use_gpu: bool) -
     log(f"training: {out['training']}")
 
     # 5. serve with num_gpus
-    see, _ = load_job_configs(None, [o for o in overrides if not o.startswith("ray_train.")])
+    see, _ = JobConfig.from_yaml(None, [o for o in overrides if not o.startswith("ray_train.")]).split()
     serve_sets = [f"port={args.port}", *args.serve_set]
     if use_gpu:
         serve_sets += [f"expert.num_gpus={args.expert_gpus}", f"base.num_gpus={args.base_gpus}"]

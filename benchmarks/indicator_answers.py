@@ -14,8 +14,8 @@ import torch
 
 from see_ray import metrics
 from see_ray.config import SEEConfig
-from see_ray.data import load_benchmark
-from see_ray.expert import SEEModel
+from see_ray.core.data import load_benchmark
+from see_ray.core.expert import SEEModel
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -63,7 +63,7 @@ def snapshot(replicas: dict) -> dict:
     """PSS of every replica process (read here, from /proc) and where its base weights live."""
     import ray
 
-    from see_ray.shared_weights import HOLDER_NAMESPACE, mapping_of, pss_mib
+    from see_ray.serve.shared_weights import HOLDER_NAMESPACE, mapping_of, pss_mib
 
     time.sleep(2)  # let the replicas finish their requests' bookkeeping before reading /proc
     out, holders = {}, set()
@@ -95,8 +95,8 @@ def run_mode(share: bool, cfg, registry, names: list[str], port: int, log) -> di
     from ray.serve import RunTarget
 
     from see_ray.serve import BASE_DEPLOYMENT, base_app, expert_app, start_serve
-    from see_ray.serve_config import ServeConfig
-    from see_ray.shared_weights import drop_holders
+    from see_ray.config.serve import ServeConfig
+    from see_ray.serve.shared_weights import drop_holders
 
     scfg = ServeConfig.from_yaml(None, [
         f"port={port}", f"share_base_weights={share}",

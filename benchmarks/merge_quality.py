@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from see_ray.bench import METHODS, write_report
+from see_ray.tools.bench import METHODS, write_report
 
 SAME = ("tasks", "general_pool_tasks", "ood_tasks", "subsample", "config")
 # Config fields that act only on SEE's experts (answers after ACCEPT; how a new expert is initialised; which

@@ -50,7 +50,7 @@ def make_adapter(cfg, model_path: str, out: Path) -> Path:
     """An untrained LoRA adapter in PEFT format (safetensors)."""
     from peft import LoraConfig, get_peft_model
 
-    from see_ray.model import load_base_model
+    from see_ray.core.model import load_base_model
 
     base, _ = load_base_model(cfg.model, model_path)
     lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
@@ -63,7 +63,7 @@ def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None, 
     """(SEEConfig, model path) of the tiny random Llama (real tokenizer), the real SmolLM2-135M, or a random-weight
     model with ``model_config``'s architecture and tokenizer."""
     from see_ray.config import SEEConfig
-    from see_ray.model import build_tiny_model, cache_root, resolve_model_path
+    from see_ray.core.model import build_tiny_model, cache_root, resolve_model_path
 
     if kind == "tiny":
         mp = str(build_tiny_model(cache_root() / "test-models" / "tiny-llama-v1"))
@@ -83,7 +83,7 @@ def bench_model(kind: str, max_tokens: int, overrides: list[str] | None = None, 
 
 def bench_registry(cfg, work: Path, adapter: Path, n: int = 8):
     """A registry of experts e1..en sharing one adapter, all rejecting (threshold 1.0). Returns it and the names."""
-    from see_ray.model import fingerprint, resolve_model_path
+    from see_ray.core.model import fingerprint, resolve_model_path
     from see_ray.registry import BaseModelIdentity, Indicators, NewExpert, Registry
 
     registry = Registry(str(work / "registry"))
@@ -135,7 +135,7 @@ def profile_direct(model, adapter: str, query: str, max_tokens: int, rows: int, 
     (the greedy loop from that cache), for a batch of ``rows`` copies of ``query``. p50 over ``repeats`` runs."""
     import torch
 
-    from see_ray.prompts import Query
+    from see_ray.core.prompts import Query
 
     phases: dict[str, list[float]] = {"tokenize_ms": [], "prefill_ms": [], "decode_ms": []}
     tokens = 0
@@ -178,10 +178,10 @@ def main() -> int:
     import torch
     from ray import serve
 
-    from see_ray.expert import SEEModel
-    from see_ray.prompts import Query
+    from see_ray.core.expert import SEEModel
+    from see_ray.core.prompts import Query
     from see_ray.serve import deploy_all
-    from see_ray.serve_config import ServeConfig
+    from see_ray.config.serve import ServeConfig
 
     torch.set_num_threads(1)
     t_start = time.perf_counter()

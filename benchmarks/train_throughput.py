@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from see_ray.config import SEEConfig
-    from see_ray.demo import arithmetic_task, general_pool
-    from see_ray.model import resolve_model_path
-    from see_ray.rehearsal import RehearsalBuffer, reconstruct
-    from see_ray.trainer import train_adapter, use_bf16
-    from see_ray.train_ray import RayTrainConfig, ensure_ray, train_on_ray
+    from see_ray.tools.builtin import arithmetic_task, general_pool
+    from see_ray.core.model import resolve_model_path
+    from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
+    from see_ray.core.trainer import train_adapter, use_bf16
+    from see_ray.training.ray_train import RayTrainConfig, ensure_ray, train_on_ray
 
     overrides = [
         f"training.steps={args.steps}",

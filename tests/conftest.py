@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from see_ray.config import SEEConfig
-from see_ray.demo import arithmetic_task, general_pool, shout_task
-from see_ray.model import build_tiny_model, cache_root
+from see_ray.tools.builtin import arithmetic_task, general_pool, shout_task
+from see_ray.core.model import build_tiny_model, cache_root
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SUPERNI = SHARED / "data" / "superni-cl"
@@ -110,8 +110,8 @@ def torch_threads(n: int):
 @pytest.fixture(scope="session")
 def see_expert1(tmp_path_factory, tiny_model_path, two_tasks, pool):
     """Expert 1 on ``two_tasks[0]`` (arithmetic): its positives plus the general pool as negatives."""
-    from see_ray.rehearsal import RehearsalBuffer, reconstruct
-    from see_ray.trainer import train_adapter
+    from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
+    from see_ray.core.trainer import train_adapter
 
     cfg = SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path))
     examples = reconstruct(two_tasks[0], RehearsalBuffer.empty(), pool, cfg.rehearsal)
@@ -124,8 +124,8 @@ def see_expert1(tmp_path_factory, tiny_model_path, two_tasks, pool):
 @pytest.fixture(scope="session")
 def see_experts(see_expert1, tmp_path_factory, tiny_model_path, two_tasks, pool):
     """Experts 1 and 2 in registration order; expert 2 (shout) also rejects expert 1's rehearsal samples."""
-    from see_ray.rehearsal import RehearsalBuffer, reconstruct
-    from see_ray.trainer import train_adapter
+    from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
+    from see_ray.core.trainer import train_adapter
 
     cfg = SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path))
     buffer = RehearsalBuffer.empty()
@@ -290,7 +290,7 @@ def _kill_tree(proc) -> None:
 
 def register_expert(registry, expert: dict, cfg, threshold: float | None = None):
     """Put an in-process trained expert (conftest's see_expert1/see_experts dicts) into a registry."""
-    from see_ray.model import fingerprint
+    from see_ray.core.model import fingerprint
     from see_ray.registry import BaseModelIdentity, Indicators, NewExpert
 
     # the real fingerprint: serving refuses adapters whose base differs from the served one
@@ -329,7 +329,7 @@ def served(ray_head, see_experts, tiny_model_path, tmp_path_factory):
     """The two tiny experts registered and served (experts, base, dispatcher) on the session's Ray head."""
     from see_ray.registry import Registry
     from see_ray.serve import deploy_all
-    from see_ray.serve_config import ServeConfig
+    from see_ray.config.serve import ServeConfig
 
     cfg = SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path))
     storage = str(tmp_path_factory.mktemp("serve-registry"))

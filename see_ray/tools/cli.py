@@ -1,0 +1,300 @@
+"""The ``see-ray`` command line.
+
+    see-ray demo                      the whole system locally: train, register, serve, query (README command 1)
+    see-ray add-expert --task DIR ... add one expert (the Ray job's pipeline; jobs/add_expert.py runs the same)
+    see-ray bench quality --data DIR  SEE vs SeqFT / Replay / MTL / Oracle on a task sequence
+    see-ray config                    print the default configuration as YAML
+    see-ray registry ...              inspect and edit the expert registry
+    see-ray serve                     serve the registry's experts over an OpenAI-compatible HTTP API
+    see-ray status                    expert sequence, deployments and replicas, storage, dashboard URL
+
+Every command takes ``--config FILE.yaml`` and repeated ``--set section.field=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from see_ray.config import ConfigError, SEEConfig
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with config sections (model, lora, training, routing, ...)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set training.steps=60 (repeatable)",
+    )
+
+
+def _load_config(args, defaults: list[str] | None = None) -> SEEConfig:
+    return SEEConfig.from_yaml(args.config, (defaults or []) + args.overrides)
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+DEMO_DEFAULTS = [
+    # Steps of batch 8 that teach the 135M model the three demo tasks and their routing from raw client
+    # queries (measured on 2 cores: see README); lr and rehearsal sizes as in the quality benchmark's demo runs.
+    # 27, measured with the demo's queries: every one routed with p(ACCEPT) >= 0.99 at its expert and <= 0.03 at
+    # the others; at 24 the shout expert still gave the other tasks' queries 0.3-0.6 (below its threshold, but
+    # with little margin); 30 costs another 25 s.
+    "training.steps=27",
+    "training.lr=0.001",
+    "rehearsal.per_task_min=24",
+    "routing.max_new_tokens=24",
+]
+
+
+def cmd_demo(args) -> int:
+    if args.in_process:
+        return _demo_in_process(args)
+    import shutil
+
+    from see_ray.tools.demo import run_serve_demo
+    from see_ray.core.model import cache_root
+
+    storage = args.storage
+    if storage is None:  # the demo's own registry: every run starts from an empty one
+        storage = str(cache_root() / "demo-storage")
+        shutil.rmtree(storage, ignore_errors=True)
+    # Replicas keep serve's default of one thread each. Measured here on 2 cores with the demo's registry: 12
+    # queries one after another took 13.7 s with 1 thread per replica and 15.1 s with 2, and 12 at once 10.6 s
+    # against 36.5 s (four 2-thread replicas computing together oversubscribe two cores).
+    serve_sets = ([f"port={args.port}"] if args.port else []) + args.serve_set
+    res = run_serve_demo(
+        config=args.config, overrides=DEMO_DEFAULTS + args.overrides, serve_overrides=serve_sets, storage=storage,
+        train_per_task=args.train_per_task, queries_per_task=args.queries_per_task, workers=args.workers,
+        address=args.address, num_cpus=args.num_cpus, keep_serving=args.keep_serving,
+        log=lambda m: print(m, flush=True),
+    )
+    return 0 if res["correct"] == res["total"] else 1
+
+
+def _demo_in_process(args) -> int:
+    """The demo without Ray: one process trains the experts and routes (the SEE method alone)."""
+    from see_ray.tools.builtin import demo_tasks, general_pool
+    from see_ray.tools.demo import demo_queries
+    from see_ray.core.expert import SEEModel
+    from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
+    from see_ray.core.router import ExpertSpec, Router, calibrate_threshold
+    from see_ray.core.trainer import train_adapter
+
+    cfg = _load_config(args, DEMO_DEFAULTS)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    print(f"[1/3] loading base model {cfg.model.name_or_path}", flush=True)
+    model = SEEModel(cfg)
+    tasks, pool = demo_tasks(n=args.train_per_task), general_pool()
+    buffer, experts = RehearsalBuffer.empty(), []
+    print(f"[2/3] training {len(tasks)} experts ({cfg.training.steps} steps each), newest asked first", flush=True)
+    for task in tasks:
+        examples = reconstruct(task, buffer, pool, cfg.rehearsal)
+        n_neg = sum(e.indicator == "reject" for e in examples)
+        print(f"  expert {task.name!r}: {len(examples) - n_neg} positives, {n_neg} negatives", flush=True)
+        path = out / "adapters" / task.name
+        stats = train_adapter(examples, cfg, model.model_path, path, meta={"name": task.name, "task": task.name})
+        model.load_adapter(task.name, path)
+        dev = [task.query(x, m) for x in task.dev for m in (True, False)]
+        thr = calibrate_threshold(model.decide(dev, task.name), cfg.routing)
+        experts.append(ExpertSpec(task.name, task.name, str(path), thr))
+        buffer.add_task(task, cfg.rehearsal)
+        print(f"    loss {stats['first_loss']:.2f} -> {stats['final_loss']:.2f}, {stats['train_s']:.0f} s, threshold {thr:.2f}", flush=True)
+    router = Router(model, experts, cfg.routing)
+    print("[3/3] asking raw client queries (no task definition)", flush=True)
+    pairs = demo_queries(tasks, args.queries_per_task)
+    results = router.route([q for q, _ in pairs])
+    correct = 0
+    for (q, exp), r in zip(pairs, results):
+        ok = r.expert == exp
+        correct += ok
+        asked = ", ".join(f"{a.expert} p={a.p_accept:.2f}{'>=' if a.accepted else '<'}{a.threshold:.2f}" for a in r.trace)
+        print(f"  {'ok ' if ok else 'XX '} {q.input!r:32.32} -> {r.expert:10} {r.answer!r:.40}")
+        print(f"       why: {asked}")
+    print(
+        f"routed {correct}/{len(pairs)} as expected; {time.perf_counter() - t0:.0f} s in all; adapters in {out}/adapters",
+        flush=True,
+    )
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------------------------
+# --general-pool-tasks values that name a built-in pool, and how the report lists them
+BUILTIN_POOLS = {
+    "builtin": "builtin (see_ray.tools.builtin.general_pool)",
+    "builtin-instructions": "builtin-instructions (see_ray.tools.builtin.general_pool + instruction_pool)",
+}
+
+
+def cmd_bench_quality(args) -> int:
+    from see_ray.tools.bench import METHODS, QualityBench, machine_description, write_report
+    from see_ray.core.data import load_benchmark
+    from see_ray.core.rehearsal import general_pool_from_tasks
+
+    cfg = _load_config(args)
+    all_tasks = load_benchmark(args.data)
+    names = [t.name for t in all_tasks]
+    seq = all_tasks[: args.tasks]
+    rest = all_tasks[args.tasks :]
+    # "builtin": the generic requests of see_ray.tools.builtin.general_pool, so that every task of the benchmark can be in
+    # the sequence or held out as OOD (with all 10 SuperNI-CL tasks used, no task is left to serve as the pool);
+    # "builtin-instructions": half of them, half instruction-style requests of other task families
+    # (see_ray.tools.builtin.instruction_pool), so that experts also learn to reject tasks, not only questions.
+    builtin_pool = args.general_pool_tasks in BUILTIN_POOLS
+    if builtin_pool:
+        pool_names = []
+    elif args.general_pool_tasks:
+        pool_names = args.general_pool_tasks.split(",")
+    else:
+        pool_names = [t.name for t in rest[:2]]
+
+    def known(flag: str, chosen: list[str]) -> None:
+        for n in chosen:
+            if n not in names:
+                raise SystemExit(f"{flag}: unknown task {n!r}")
+
+    known("--general-pool-tasks", pool_names)
+    ood_names = (
+        args.ood_tasks.split(",") if args.ood_tasks else [t.name for t in rest if t.name not in pool_names]
+    )
+    known("--ood-tasks", ood_names)
+    seq_names = {t.name for t in seq}
+    for n in ood_names:
+        if n in pool_names or n in seq_names:
+            raise SystemExit(f"--ood-tasks: {n!r} is in the sequence or the general pool, so it is not out of distribution")
+    by_name = {t.name: t for t in all_tasks}
+    sub = dict(train=args.train_per_task, dev=args.dev_per_task, test=args.test_per_task)
+    seq = [t.subsample(**sub) for t in seq]
+    if builtin_pool:
+        from see_ray.tools.builtin import builtin_pool as make_builtin_pool
+
+        pool = make_builtin_pool(args.general_pool_tasks, args.pool_per_task)
+    else:
+        pool = general_pool_from_tasks([by_name[n].subsample(**sub) for n in pool_names], per_task=args.pool_per_task)
+    ood = [by_name[n].subsample(**sub) for n in ood_names]
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
+    out = Path(args.out)
+    reuse = Path(args.reuse_adapters) if args.reuse_adapters else None
+    if reuse is not None and not reuse.is_dir():
+        raise SystemExit(f"--reuse-adapters: {reuse} is not a folder")
+    bench = QualityBench(seq, pool, ood, cfg, out, reuse_adapters=reuse)
+    t0 = time.perf_counter()
+
+    def report(res: dict, complete: bool = False) -> None:
+        result = {
+            "command": "see-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "machine": machine_description(),
+            "complete": complete,
+            "tasks": [t.name for t in seq],
+            "general_pool_tasks": [BUILTIN_POOLS[args.general_pool_tasks]] if builtin_pool else pool_names,
+            "ood_tasks": ood_names,
+            "subsample": sub,
+            "config": cfg.model_dump(mode="json"),
+            "methods": res,
+            "timings_s": {**bench.timings, "total": time.perf_counter() - t0},
+        }
+        if bench.reused:
+            result["reused_adapters"] = dict(bench.reused)
+        write_report(result, out)
+
+    report(bench.run(methods, on_method_done=report), complete=True)
+    print((out / "quality.md").read_text())
+    print(f"wrote {out}/quality.json, quality.md and plots/")
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(_load_config(args).to_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="see-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole system on this machine with the real small model: local Ray, three "
+                       "demo experts trained by the add-expert job, served on Ray Serve, asked over HTTP")
+    _add_config_args(p)
+    p.add_argument("--storage", help="registry root of the demo (default: a fresh one under ~/.cache/see-ray/)")
+    p.add_argument("--train-per-task", type=int, default=96, help="training instances per demo task")
+    p.add_argument("--queries-per-task", type=int, default=3, help="test queries asked per task")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers per expert (DeepSpeed ZeRO-2)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--serve-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="serve config override (see see_ray/config/serve.py), repeatable")
+    p.add_argument("--address", help="use this running Ray cluster instead of starting a local one")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--keep-serving", action="store_true", help="keep serving after the demo (Ctrl-C stops)")
+    p.add_argument("--in-process", action="store_true",
+                   help="the SEE method alone, without Ray: train and route in this process")
+    p.add_argument("--out", default="see-ray-output/demo", help="--in-process: where adapters are written")
+    p.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="SEE vs SeqFT / Replay / MTL / Oracle on a SuperNI-CL task sequence")
+    _add_config_args(q)
+    q.add_argument("--data", required=True, help="benchmark folder (task folders + order.txt)")
+    q.add_argument("--tasks", type=int, default=5, help="first N tasks of the order form the sequence")
+    q.add_argument("--train-per-task", type=int, default=100)
+    q.add_argument("--dev-per-task", type=int, default=20)
+    q.add_argument("--test-per-task", type=int, default=30)
+    q.add_argument("--general-pool-tasks", help="comma-separated tasks used as general negatives "
+                   "(default: the 2 tasks after the sequence), 'builtin' for see-ray's generic requests, or "
+                   "'builtin-instructions' for half generic requests, half instruction-style tasks of other families")
+    q.add_argument("--pool-per-task", type=int, default=32,
+                   help="general-pool queries per pool task (builtin pools: twice this many in all)")
+    q.add_argument("--ood-tasks", help="comma-separated tasks for the OOD figures (default: all remaining)")
+    q.add_argument("--methods", help=f"comma-separated subset of {','.join(('SEE', 'SeqFT', 'Replay', 'MTL', 'Oracle'))}")
+    q.add_argument("--out", default="see-ray-output/quality", help="output folder")
+    q.add_argument("--reuse-adapters", metavar="DIR",
+                   help="take each adapter from DIR/<name> (the adapters/ folder of an earlier run with the same "
+                   "tasks, subsample and training config) instead of training it; the report lists what was reused. "
+                   "For re-evaluating trained experts after a change at inference time, or resuming a stopped run")
+    q.set_defaults(fn=cmd_bench_quality)
+
+    a = sub.add_parser("add-expert", add_help=False,
+                       help="add one expert: the Ray job's pipeline (jobs/add_expert.py); --help lists its flags")
+    a.add_argument("job_args", nargs=argparse.REMAINDER)  # listed in --help; main() hands them to the job
+
+    c = sub.add_parser("config", help="print the effective configuration")
+    _add_config_args(c)
+    c.set_defaults(fn=cmd_config)
+
+    from see_ray.tools.registry_cli import add_registry_subcommands
+    from see_ray.tools.serve_cli import add_serve_subcommands
+
+    from see_ray.tools.status import add_status_subcommand
+
+    add_registry_subcommands(sub)
+    add_serve_subcommands(sub)
+    add_status_subcommand(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["add-expert"]:  # the job's own parser reads every flag, --help included
+        from see_ray.training.add_expert import main as add_expert_main
+
+        return add_expert_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"see-ray: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

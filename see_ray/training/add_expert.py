@@ -1,0 +1,541 @@
+"""Add one expert to the SEE sequence: validate, reconstruct, train on Ray, validate, register, deploy.
+
+On a running cluster::
+
+    ray job submit --working-dir . -- python jobs/add_expert.py --task data/shout --name shout \\
+        --storage /shared/see-ray-storage [--workers 2] [--replace] [--set training.steps=60]
+
+Locally (a local Ray instance is started)::
+
+    python jobs/add_expert.py --task data/shout --name shout
+
+Steps (each timed and printed in the summary):
+1. validate the input: task data, names, config, general pool, registry state. Nothing is written, and the
+   job exits with 2 and a clear message on bad input (including "name exists, use --replace");
+2. build SEE's reconstructed training set from the registry's rehearsal buffer (positives + rehearsal
+   negatives of every task in the sequence + general-pool negatives);
+3. train on Ray Train + DeepSpeed (``see_ray.training.ray_train``);
+4. validate the new expert on held-out data: accept rate on its own dev queries, reject rate on the other
+   tasks' rehearsal queries, in the prompt forms it was trained on (with the task definition and/or input-only,
+   per ``rehearsal.input_only_share``), at the threshold calibrated on its own dev queries; below ``--min-accept`` / ``--min-reject`` nothing is registered and the job exits 1;
+5. register it with its rehearsal samples (registry.py: files first, then an atomic swap of the document,
+   under the registry lock). If another job registered an expert while this one trained, the new expert was
+   not trained to reject that task: it is checked against that task's rehearsal queries under the lock and
+   retrained once with the updated buffer if it fails (``--max-retrain``);
+6. deploy it live if the serving application is running (``deploy_live``: the Serve issue fills it in);
+7. print a summary: timings, validation figures, the new sequence, and one ``SEE_RAY_RESULT {json}`` line.
+
+Exit codes: 0 success; 1 training or validation failed (nothing registered); 2 bad input (nothing written).
+A job killed at any point leaves the registry as it was (see registry.py), and re-running it succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from see_ray.config import ConfigError, SEEConfig
+from see_ray.core.data import Task, TaskDataError, load_task, validate_name
+from see_ray.core.prompts import IndicatorError, Query
+from see_ray.registry import (
+    BaseModelIdentity,
+    ExpertExists,
+    ExpertRecord,
+    Indicators,
+    NewExpert,
+    Registry,
+    RegistryDoc,
+    RegistryError,
+    fault_point,
+    format_sequence,
+)
+from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
+from see_ray.registry.storage import Storage, StorageError, default_storage_uri, is_uri
+from see_ray.config.train import JobConfig, RayTrainConfig, ValidationBars
+from see_ray.training.ray_train import TrainOutcome, ensure_ray, train_on_ray
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+RESULT_PREFIX = "SEE_RAY_RESULT "
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in the entrypoint's env
+
+log = logging.getLogger("add_expert")
+
+
+class BadInput(Exception):
+    """Step 1 refused the input; exit 2, nothing written."""
+
+
+class Failed(Exception):
+    """Training or validation failed; exit 1, nothing registered."""
+
+
+class StaleTrainingSet(Exception):
+    """An expert registered while we trained is not rejected well enough: retrain with it as negatives."""
+
+
+# -- step 1: input --------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="add_expert.py", description="Train, validate and register one SEE expert on a Ray cluster."
+    )
+    p.add_argument("--task", required=True, help="Task data: folder or .json (SuperNI) / .jsonl file.")
+    p.add_argument("--name", required=True, help="Expert name (unique in the sequence).")
+    p.add_argument("--task-name", help="Task name for rehearsal bookkeeping (default: the expert name).")
+    p.add_argument("--definition", help="Task instruction, if the data carries none.")
+    p.add_argument("--storage", help=f"Storage root (default ${'{'}SEE_RAY_STORAGE{'}'} or {default_storage_uri()}).")
+    p.add_argument("--config", help="YAML with SEE sections and an optional ray_train section.")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="Config override.")
+    p.add_argument("--workers", type=int, help="Ray Train workers (ray_train.num_workers).")
+    p.add_argument("--gpu", action="store_true", help="Train on GPUs (ray_train.use_gpu).")
+    p.add_argument("--replace", action="store_true", help="Train a new version of an existing expert.")
+    p.add_argument("--general-pool", help="JSONL of general queries ({'input', 'definition'?}); default: built-in.")
+    p.add_argument("--min-accept", type=float, default=ValidationBars().min_accept, help="Validation bar (0-1).")
+    p.add_argument("--min-reject", type=float, default=ValidationBars().min_reject, help="Validation bar (0-1).")
+    p.add_argument("--max-retrain", type=int, default=1, help="Retrains when a concurrent job changed the buffer.")
+    p.add_argument("--threads", type=int, help="torch threads of this driver process for validation (default 1).")
+    return p.parse_args(argv)
+
+
+def in_ray_job() -> bool:
+    return JOB_CONFIG_ENV in os.environ
+
+
+def job_identity() -> dict:
+    ident = {"host": socket.gethostname(), "pid": os.getpid()}
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if raw:
+        try:
+            meta = json.loads(raw).get("metadata") or {}
+            ident["submission_id"] = meta.get("job_submission_id")
+        except ValueError:
+            pass
+    return ident
+
+
+def load_general_pool(path: str | None) -> list[Query]:
+    if path is None:
+        from see_ray.tools.builtin import general_pool
+
+        return general_pool()
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--general-pool {p}: no such file")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{p}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(raw, str):
+            raw = {"input": raw}
+        if not isinstance(raw, dict) or not isinstance(raw.get("input"), str) or not raw["input"].strip():
+            raise BadInput(f"{p}:{n}: expected {{'input': str, 'definition': str?}}")
+        d = raw.get("definition")
+        if d is not None and not isinstance(d, str):
+            raise BadInput(f"{p}:{n}: 'definition' must be a string")
+        out.append(Query(raw["input"], d or None))
+    if not out:
+        raise BadInput(f"{p}: the general pool is empty (SEE.md: it is required, not optional)")
+    return out
+
+
+@dataclass
+class Inputs:
+    task: Task
+    see: SEEConfig
+    rt: RayTrainConfig
+    bars: ValidationBars
+    pool: list[Query]
+    registry: Registry
+    model_path: str
+    indicators: Indicators
+    base: BaseModelIdentity
+
+
+def validate_inputs(args: argparse.Namespace) -> Inputs:
+    """Step 1. Everything that can be wrong with the input is found here, before anything is written."""
+    from see_ray.core.model import fingerprint, load_tokenizer, resolve_model_path
+    from see_ray.core.prompts import resolve_indicators
+
+    try:
+        validate_name(args.name, "expert name")
+        task = load_task(args.task, name=args.task_name or args.name, definition=args.definition)
+        see, rt = JobConfig.from_yaml(args.config, args.set).split()
+        bars = ValidationBars(min_accept=args.min_accept, min_reject=args.min_reject)
+    except (TaskDataError, ConfigError, ValueError) as e:
+        raise BadInput(str(e)) from None
+    if args.workers is not None:
+        if args.workers < 1:
+            raise BadInput("--workers must be >= 1")
+        rt.num_workers = args.workers
+    if args.gpu:
+        rt.use_gpu = True
+    if not task.dev:
+        raise BadInput(f"{args.task}: no dev instances to validate the expert on (give a dev split or more data)")
+    if len(task.train) < rt.num_workers:
+        raise BadInput(f"{args.task}: {len(task.train)} training instances cannot be split over {rt.num_workers} workers")
+    storage_arg = args.storage or default_storage_uri()
+    if in_ray_job() and not is_uri(storage_arg) and not os.path.isabs(os.path.expanduser(storage_arg)):
+        # The entrypoint runs in a temporary copy of --working-dir: a relative root would vanish with it.
+        raise BadInput(f"--storage {storage_arg!r}: use an absolute path or a URI inside a Ray job")
+    pool = load_general_pool(args.general_pool)
+    try:
+        model_path = resolve_model_path(see.model)
+        accept_id, reject_id = resolve_indicators(load_tokenizer(model_path), see.indicators)
+        rt.deepspeed_dict(see)  # a missing or broken DeepSpeed file is bad input too
+        base = BaseModelIdentity(name_or_path=see.model.name_or_path, fingerprint=fingerprint(model_path))
+    except (IndicatorError, ConfigError, OSError) as e:
+        raise BadInput(str(e)) from None
+    try:
+        registry = Registry(Storage(storage_arg))
+        doc = registry.load()
+        # names, the task, and the base model (one registry serves one base) before any training
+        registry.check_can_add(args.name, task.name, args.replace, doc, base)
+        if args.replace and doc.find(args.name) is None:
+            print(f"note: --replace given but no expert {args.name!r} exists; adding it as new", flush=True)
+    except (RegistryError, StorageError) as e:
+        raise BadInput(str(e)) from None
+    ind = Indicators(accept=see.indicators.accept, reject=see.indicators.reject, accept_id=accept_id, reject_id=reject_id)
+    return Inputs(task, see, rt, bars, pool, registry, model_path, ind, base)
+
+
+def check_storage_writable(registry: Registry) -> None:
+    """Fail before training, not after it, when the storage root cannot be written (read-only mount, full
+    disk, missing permissions): nothing is written but a probe file, which is removed again."""
+    try:
+        registry.storage.probe_writable()
+    except OSError as e:
+        raise Failed(f"storage {registry.storage.uri} is not writable ({_reason(e)}); nothing was trained or "
+                     "registered, the registry is unchanged") from None
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+# -- step 2: the reconstructed training set -------------------------------------------------------------
+def build_training_set(inp: Inputs, doc: RegistryDoc):
+    """SEE step 1 (task reconstruction) from the registry's buffer; the task itself is never a negative."""
+    buffer = inp.registry.rehearsal_buffer(doc, exclude={inp.task.name})
+    examples = reconstruct(inp.task, buffer, inp.pool, inp.see.rehearsal, exclude={inp.task.name})
+    counts = {
+        "positives": sum(e.indicator == "accept" for e in examples),
+        "rehearsal_negatives": sum(e.indicator == "reject" and e.source != "general" for e in examples),
+        "general_negatives": sum(e.source == "general" for e in examples),
+    }
+    return examples, buffer, counts
+
+
+# -- step 4: validation ---------------------------------------------------------------------------------
+def prompt_forms(queries: list[Query], input_only_share: float) -> list[Query]:
+    """The queries in the prompt forms the expert was trained on (``rehearsal.input_only_share``): with the
+    task definition, input-only (what clients usually send, SEE.md caveat), or both when training mixed them."""
+    out = []
+    for q in queries:
+        if input_only_share < 1.0 or not q.definition:
+            out.append(q)
+        if input_only_share > 0.0 and q.definition:
+            out.append(Query(q.input, None))
+    return out
+
+
+def other_task_queries(buffer: RehearsalBuffer, share: float, tasks: list[str] | None = None) -> dict[str, list[Query]]:
+    return {
+        t: prompt_forms([Query(s["input"], s.get("definition")) for s in samples], share)
+        for t, samples in buffer.samples.items()
+        if tasks is None or t in tasks
+    }
+
+
+def reject_rates(model, name: str, per_task: dict[str, list[Query]], thr: float) -> dict[str, float]:
+    out = {}
+    for t, qs in per_task.items():
+        if qs:
+            ps = model.decide(qs, name)
+            out[t] = sum(p < thr for p in ps) / len(ps)
+    return out
+
+
+def validate_expert(model, inp: Inputs, buffer: RehearsalBuffer) -> dict:
+    """Accept rate on own dev queries, reject rate on other tasks' rehearsal queries, calibrated threshold."""
+    from see_ray.core.router import calibrate_threshold
+
+    name = inp.task.name
+    share = inp.see.rehearsal.input_only_share
+    own = prompt_forms([inp.task.query(x) for x in inp.task.dev], share)
+    p_own = model.decide(own, name)
+    calibrated = calibrate_threshold(p_own, inp.see.routing)
+    thr = inp.see.routing.threshold if inp.see.routing.threshold is not None else calibrated
+    others = other_task_queries(buffer, share)
+    per_task = reject_rates(model, name, others, thr)
+    n_other = sum(len(q) for q in others.values())
+    reject = sum(r * len(others[t]) for t, r in per_task.items()) / n_other if n_other else None
+    general = reject_rates(model, name, {"general": prompt_forms(inp.pool, share)}, thr).get("general")
+    accept = sum(p >= thr for p in p_own) / len(p_own)
+    return {
+        "threshold": thr,
+        "calibrated_threshold": calibrated,
+        "accept_rate": accept,
+        "n_own": len(own),
+        "reject_rate": reject,  # None for the first expert: there is no other task yet
+        "n_other": n_other,
+        "reject_rate_per_task": per_task,
+        "reject_rate_general_pool": general,  # informative: the pool was in the training set
+        "min_accept": inp.bars.min_accept,
+        "min_reject": inp.bars.min_reject,
+        "p_own_mean": sum(p_own) / len(p_own),
+    }
+
+
+def passes(v: dict) -> bool:
+    return v["accept_rate"] >= v["min_accept"] and (v["reject_rate"] is None or v["reject_rate"] >= v["min_reject"])
+
+
+# -- step 6: live deployment hook -----------------------------------------------------------------------
+def deploy_live(record: ExpertRecord, registry: Registry, see: SEEConfig) -> dict:
+    """Step 6: deploy the newly registered expert into the running serving application.
+
+    The expert becomes its own Serve application (nothing running is redeployed: STACK-NOTES gotcha 5), with
+    the configuration the dispatcher serves with; once it has a running replica the dispatcher is told to
+    refresh and puts it into its sequence (see_ray.serve.add_expert_live). The SEE application's name is
+    ``$SEE_RAY_SERVE_APP`` (default ``see``). Returns {"deployed": bool, "serving": bool, "message": str, ...}.
+    """
+    from see_ray.serve import add_expert_live, live_app_for, serving_running
+
+    app = os.environ.get("SEE_RAY_SERVE_APP", "see")
+    conf, why = live_app_for(registry.storage.uri, app)
+    if conf is None:
+        return {"deployed": False, "serving": serving_running(), "message": f"{why}; expert registered only"}
+    info = add_expert_live(record.name, app)
+    seq = [e["name"] for e in info["sequence"]]
+    apps = [e["app"] for e in info["sequence"] if e["name"] == record.name]
+    if not apps:
+        return {"deployed": False, "serving": True, "sequence": seq,
+                "message": f"deployed, but the dispatcher does not list it yet (sequence {seq})"}
+    return {"deployed": True, "serving": True, "sequence": seq,
+            "message": f"deployed as Serve application {apps[0]!r}; dispatcher sequence now {seq}"}
+
+
+# -- the job --------------------------------------------------------------------------------------------
+@dataclass
+class Timer:
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def run(self, label: str, fn, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            self.steps[label] = self.steps.get(label, 0.0) + time.perf_counter() - t0
+            print(f"[add_expert] {label}: {self.steps[label]:.1f} s", flush=True)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def warm_start_from(doc, name: str):
+    """``training.warm_start``: the expert whose adapter the new one starts from, the newest active expert of
+    the sequence (not an earlier version of the one being replaced); None for the first expert."""
+    return next((e for e in reversed(doc.sequence(include_disabled=False)) if e.name != name), None)
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    timer = Timer()
+    inp = timer.run("1_validate_input", validate_inputs, args)
+    task, see, rt, registry = inp.task, inp.see, inp.rt, inp.registry
+    check_storage_writable(registry)
+    print(
+        f"[add_expert] task {task.name}: {len(task.train)} train / {len(task.dev)} dev; registry {registry.storage.uri}; "
+        f"{rt.num_workers} worker(s), deepspeed={rt.deepspeed}",
+        flush=True,
+    )
+    import torch
+
+    torch.set_num_threads(args.threads or see.model.num_threads or 1)
+    ensure_ray()
+    from see_ray.core.expert import SEEModel
+
+    base = inp.base
+    work = Path(tempfile.mkdtemp(prefix=f"see-add-{args.name}-"))
+    model = None
+    try:
+        for attempt in range(args.max_retrain + 1):
+            doc = registry.load()
+            examples, buffer, counts = timer.run("2_reconstruct", build_training_set, inp, doc)
+            print(f"[add_expert] reconstructed set: {counts}; negatives from tasks {buffer.tasks()}", flush=True)
+            warm = warm_start_from(doc, args.name) if see.training.warm_start else None
+            if warm is not None:
+                print(f"[add_expert] warm start from expert {warm.name!r} v{warm.version}", flush=True)
+            try:
+                outcome: TrainOutcome = timer.run(
+                    "3_train",
+                    train_on_ray,
+                    examples,
+                    see,
+                    rt,
+                    name=args.name,
+                    meta={"task": task.name, "attempt": attempt,
+                          **({"init_from": f"{warm.name} v{warm.version}"} if warm is not None else {})},
+                    storage=registry.storage,
+                    output_dir=work / f"adapter-{attempt}",
+                    # A configured folder is opened as is (shared in a cluster); otherwise every worker
+                    # resolves model.name_or_path on its own node (the default is converted once per node).
+                    model_path=see.model.name_or_path if os.path.isdir(see.model.name_or_path) else None,
+                    init_expert=None if warm is None else {"storage": registry.storage.uri,
+                                                           "record": warm.model_dump(mode="json")},
+                )
+            except Exception as e:  # Ray's TrainingFailedError and friends: the figures are in the message
+                raise Failed(f"training failed: {e}") from e
+
+            def _validate():
+                nonlocal model
+                if model is None:
+                    model = SEEModel(see, inp.model_path)
+                model.load_adapter(task.name, outcome.adapter_dir)
+                return validate_expert(model, inp, buffer)
+
+            v = timer.run("4_validate", _validate)
+            print(
+                f"[add_expert] validation: accept {_fmt(v['accept_rate'])} (bar {v['min_accept']}) on {v['n_own']} own "
+                f"dev queries; reject {_fmt(v['reject_rate'])} (bar {v['min_reject']}) on {v['n_other']} other-task "
+                f"queries {json.dumps({k: round(r, 3) for k, r in v['reject_rate_per_task'].items()})}; "
+                f"threshold {v['threshold']:.3f}",
+                flush=True,
+            )
+            if not passes(v):
+                raise Failed(
+                    f"expert {args.name!r} did not pass validation and was NOT registered: accept rate "
+                    f"{_fmt(v['accept_rate'])} (need >= {v['min_accept']}), reject rate {_fmt(v['reject_rate'])} "
+                    f"(need >= {v['min_reject']})"
+                )
+            trained_against = buffer.tasks()
+
+            def check(current: RegistryDoc) -> None:
+                """Under the lock: experts registered while we trained must be rejected too."""
+                newer = [e for e in current.experts if e.task != task.name and e.task not in trained_against]
+                if not newer:
+                    return
+                tasks = [e.task for e in newer]
+                extra = reject_rates(
+                    model, task.name,
+                    other_task_queries(registry.rehearsal_buffer(current), see.rehearsal.input_only_share, tasks),
+                    v["threshold"],
+                )
+                new.validation["checked_at_commit"] = extra  # recorded with the expert
+                print(f"[add_expert] registered meanwhile: {tasks}; reject rates {extra}", flush=True)
+                if any(r < inp.bars.min_reject for r in extra.values()):
+                    raise StaleTrainingSet(tasks)
+
+            samples = RehearsalBuffer.empty().add_task(task, see.rehearsal)
+            new = NewExpert(
+                name=args.name,
+                task=task.name,
+                adapter_dir=str(outcome.adapter_dir),
+                rehearsal_samples=samples,
+                base_model=base,
+                indicators=inp.indicators,
+                threshold=v["threshold"],
+                definition=task.definition,
+                trained_against=trained_against,
+                training={
+                    "config": see.model_dump(mode="json"),
+                    "ray_train": rt.model_dump(mode="json"),
+                    "deepspeed": rt.deepspeed_dict(see),
+                    "figures": outcome.metrics,
+                    "examples": counts,
+                    "run_name": outcome.run_name,
+                    "checkpoint_uri": outcome.checkpoint_uri,
+                    "fit_s": outcome.fit_s,
+                },
+                validation=v,
+                job=job_identity(),
+            )
+            try:
+                fault_point("register")
+                record = timer.run("5_register", registry.add, new, replace=args.replace, check=check)
+                break
+            except OSError as e:  # storage became unwritable while we trained (StorageError is an OSError)
+                raise Failed(
+                    f"registering {args.name!r} failed: storage {registry.storage.uri} is not writable "
+                    f"({_reason(e)}); nothing was registered, the registry is unchanged. Re-run the job once the "
+                    "storage is writable again"
+                ) from None
+            except StaleTrainingSet as e:
+                if attempt == args.max_retrain:
+                    raise Failed(
+                        f"experts for tasks {e.args[0]} were registered while {args.name!r} trained, and it does not "
+                        "reject their queries well enough; re-submit the job"
+                    ) from None
+                print(f"[add_expert] retraining with the new rehearsal samples of {e.args[0]}", flush=True)
+        deploy = timer.run("6_deploy", deploy_live, record, registry, see)
+        print(f"[add_expert] deploy: {deploy['message']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # -- step 7: summary ------------------------------------------------------------------------------
+    doc = registry.load()
+    total = time.perf_counter() - t_start
+    print("\n=== add_expert summary ===")
+    print(f"expert      {record.name} v{record.version} (task {record.task}), position {record.position}")
+    print(f"adapter     {record.adapter_uri}")
+    print(f"training    {outcome.metrics.get('steps')} steps, {outcome.metrics.get('train_s', 0):.1f} s loop, "
+          f"{outcome.metrics.get('tokens_per_s', 0):.0f} tokens/s, final loss {outcome.metrics.get('final_loss', 0):.4f}, "
+          f"{rt.num_workers} worker(s)")
+    print(f"validation  accept {_fmt(v['accept_rate'])}, reject {_fmt(v['reject_rate'])}, threshold {v['threshold']:.3f}")
+    print("timings     " + ", ".join(f"{k} {s:.1f} s" for k, s in timer.steps.items()) + f", total {total:.1f} s")
+    print(f"sequence    ({see.routing.order}, as routing asks them):")
+    print(format_sequence(doc.experts, see.routing.order))
+    result = {
+        "name": record.name,
+        "version": record.version,
+        "position": record.position,
+        "adapter_uri": record.adapter_uri,
+        "validation": record.validation,
+        "training": outcome.metrics,
+        "timings": timer.steps,
+        "total_s": total,
+        "deploy": deploy,
+        "sequence": [e.name for e in doc.experts],
+    }
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return EXIT_OK
+
+
+def _terminate(signum, frame):  # `ray job stop` sends SIGTERM: unwind so temporary folders are removed
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except BadInput as e:
+        print(f"add_expert: bad input: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except ExpertExists as e:  # lost a race with a job that registered the same name meanwhile
+        print(f"add_expert: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except (Failed, RegistryError) as e:
+        print(f"add_expert: FAILED: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # python -m see_ray.training.add_expert
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""`see-ray bench quality` argument checks: the OOD tasks must be out of distribution (never trained on, never
+used as negatives), and unknown names are refused before anything is loaded into a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from see_ray.tools.cli import main
+from test_data import superni
+
+
+@pytest.fixture
+def bench_dir(tmp_path):
+    names = ["task001_a", "task002_b", "task003_c", "task004_d"]
+    for i, n in enumerate(names):
+        d = tmp_path / n
+        d.mkdir()
+        superni(d / "train.json", 6, definition=f"Definition {i}.")
+        superni(d / "test.json", 3, definition=f"Definition {i}.", start=100)
+    (tmp_path / "order.txt").write_text("\n".join(names) + "\n")
+    return tmp_path
+
+
+def run(bench_dir, *args):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "quality", "--data", str(bench_dir), "--tasks", "2", *args])
+    return str(e.value)
+
+
+def test_ood_task_in_the_sequence_is_refused(bench_dir):
+    msg = run(bench_dir, "--ood-tasks", "task002_b")
+    assert "--ood-tasks" in msg and "task002_b" in msg and "not out of distribution" in msg
+
+
+def test_ood_task_in_the_general_pool_is_refused(bench_dir):
+    msg = run(bench_dir, "--general-pool-tasks", "task003_c", "--ood-tasks", "task003_c,task004_d")
+    assert "task003_c" in msg and "not out of distribution" in msg
+
+
+def test_unknown_ood_task_is_refused(bench_dir):
+    assert "unknown task 'task999_x'" in run(bench_dir, "--general-pool-tasks", "builtin", "--ood-tasks", "task999_x")
+
+
+def test_reuse_adapters_reevaluates_the_same_experts(bench_dir, tmp_path, tiny_model_path):
+    """--reuse-adapters takes the experts of an earlier run instead of training them: the report lists every
+    reused adapter, and with nothing changed at inference time the figures are the earlier run's."""
+    import json
+
+    from conftest import tiny_overrides
+
+    sets = [a for o in tiny_overrides(tiny_model_path, **{"training.steps": 2}) for a in ("--set", o)]
+    common = ["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
+              "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",
+              "--methods", "SEE,Oracle", *sets]
+    assert main([*common, "--out", str(tmp_path / "first")]) == 0
+    first = json.loads((tmp_path / "first" / "quality.json").read_text())
+    assert "reused_adapters" not in first
+    adapters = tmp_path / "first" / "adapters"
+    assert main([*common, "--out", str(tmp_path / "again"), "--reuse-adapters", str(adapters)]) == 0
+    again = json.loads((tmp_path / "again" / "quality.json").read_text())
+    assert sorted(again["reused_adapters"]) == sorted(p.name for p in adapters.iterdir())
+    assert again["methods"] == first["methods"]
+    assert not (tmp_path / "again" / "adapters" / "see-task001_a").exists()  # nothing was trained
+
+
+def test_reuse_adapters_must_be_a_folder(bench_dir, tmp_path):
+    msg = run(bench_dir, "--general-pool-tasks", "builtin", "--reuse-adapters", str(tmp_path / "nope"))
+    assert "--reuse-adapters" in msg and "nope" in msg
+
+
+def test_merge_quality_runs(tmp_path):
+    """benchmarks/merge_quality.py: runs that split the methods merge into one table, complete once every method
+    is in; a baselines-only run may lack fields that act only on SEE's answers; other differences are refused."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    pub = json.loads((repo / "docs" / "results" / "quality-full.json").read_text())
+    keep = {k: v for k, v in pub.items() if k not in ("methods", "complete", "reused_adapters")}
+    see_cfg = json.loads(json.dumps(pub["config"]))
+    see_cfg["indicators"]["keep_out_of_answers"] = True
+    old_cfg = json.loads(json.dumps(pub["config"]))
+    old_cfg["indicators"].pop("keep_out_of_answers", None)
+    runs = {
+        "see": {**keep, "config": see_cfg, "complete": True,
+                "methods": {m: pub["methods"][m] for m in ("SEE", "Oracle")}},
+        "base": {**keep, "config": old_cfg, "complete": False, "methods": {"SeqFT": pub["methods"]["SeqFT"]}},
+        "mtl": {**keep, "config": old_cfg, "complete": True, "methods": {"MTL": pub["methods"]["MTL"]}},
+        "replay": {**keep, "config": old_cfg, "complete": True, "methods": {"Replay": pub["methods"]["SeqFT"]}},
+    }
+    for name, r in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+
+    def merge(*names):
+        return subprocess.run([sys.executable, str(repo / "benchmarks" / "merge_quality.py"),
+                               *(str(tmp_path / f"{n}.json") for n in names), "--out", str(tmp_path / "m")],
+                              capture_output=True, text=True, timeout=120)
+
+    p = merge("see", "base", "mtl")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "m" / "quality.json").read_text())["complete"] is False  # no Replay yet
+    p = merge("see", "base", "mtl", "replay")
+    assert p.returncode == 0, p.stderr
+    merged = json.loads((tmp_path / "m" / "quality.json").read_text())
+    assert merged["complete"] is True and set(merged["methods"]) == {"SEE", "Oracle", "SeqFT", "MTL", "Replay"}
+    assert merged["config"]["indicators"]["keep_out_of_answers"] is True
+    # an SEE run whose answers were decoded differently is not comparable with another SEE run
+    runs["see2"] = {**runs["see"], "config": old_cfg}
+    (tmp_path / "see2.json").write_text(json.dumps(runs["see2"]))
+    p = merge("see", "see2")
+    assert p.returncode != 0 and "'config' differs" in p.stderr + p.stdout
+    runs["odd"] = {**runs["mtl"], "subsample": {"train": 1, "dev": 1, "test": 1}}
+    (tmp_path / "odd.json").write_text(json.dumps(runs["odd"]))
+    p = merge("see", "odd")
+    assert p.returncode != 0 and "'subsample' differs" in p.stderr + p.stdout
+    # which negatives SEE's experts learn from (how many per earlier task, which pool) never reaches the baselines
+    fewer = json.loads(json.dumps(see_cfg))
+    fewer["rehearsal"].update(negatives_per_task=4, general_pool_size=8)
+    runs["see3"] = {**runs["see"], "config": fewer, "general_pool_tasks": ["another pool"]}
+    (tmp_path / "see3.json").write_text(json.dumps(runs["see3"]))
+    p = merge("see3", "base", "mtl", "replay")
+    assert p.returncode == 0, p.stderr
+    p = merge("see", "see3")  # but two SEE runs with different negatives are different methods
+    assert p.returncode != 0 and "differs" in p.stderr + p.stdout
+
+
+def test_warm_start_starts_each_expert_from_the_previous_one(bench_dir, tmp_path, tiny_model_path):
+    """training.warm_start: SEE's second expert is trained from a copy of the first one's adapter (recorded in its
+    see_meta.json), and the first adapter is left as it was."""
+    import json
+
+    from conftest import tiny_overrides
+
+    sets = [a for o in tiny_overrides(tiny_model_path, **{"training.steps": 2, "training.warm_start": "true"})
+            for a in ("--set", o)]
+    out = tmp_path / "warm"
+    assert main(["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
+                 "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",
+                 "--methods", "SEE", *sets, "--out", str(out)]) == 0
+    first, second = out / "adapters" / "see-task001_a", out / "adapters" / "see-task002_b"
+    assert "init_from" not in json.loads((first / "see_meta.json").read_text())
+    assert json.loads((second / "see_meta.json").read_text())["init_from"] == str(first)
+    assert (first / "adapter_model.safetensors").read_bytes() != (second / "adapter_model.safetensors").read_bytes()
+
+
+def test_builtin_instructions_pool_mixes_requests_and_instruction_tasks(bench_dir, monkeypatch):
+    """--general-pool-tasks builtin-instructions: half the pool is the chat pool, half instruction-style tasks of
+    other families, each family with and without its definition."""
+    import see_ray.tools.bench as bench
+    from see_ray.tools.builtin import _INSTRUCTION_TASKS, general_pool
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, tasks, pool, ood, cfg, out, reuse_adapters=None):
+        seen["pool"] = pool
+        raise Stop
+
+    monkeypatch.setattr(bench.QualityBench, "__init__", capture)
+    with pytest.raises(Stop):
+        main(["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks",
+              "builtin-instructions", "--pool-per-task", "32"])
+    pool = seen["pool"]
+    assert len(pool) == 64 and pool[:32] == general_pool(n=32)
+    definitions = {d for d, _ in _INSTRUCTION_TASKS}
+    instr = pool[32:]
+    assert {q.definition for q in instr if q.definition} == definitions  # every family, with its definition
+    assert sum(q.definition is None for q in instr) == 16  # and as many raw inputs

@@ -1,0 +1,247 @@
+"""Sequential routing: order, thresholds, calibration, and the learning test with two really trained experts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from see_ray.config import RoutingConfig, SEEConfig
+from see_ray.tools.builtin import general_pool, unrelated_queries
+from see_ray.core.expert import SEEModel
+from see_ray.core.metrics import ood_rejection_rate, routing_accuracy
+from see_ray.core.prompts import Query
+from see_ray.core.router import BASE, ExpertSpec, RouteResult, Router, calibrate_threshold, ordered
+
+from conftest import tiny_overrides, torch_threads
+
+E1 = ExpertSpec("expert1", "arithmetic", "/nowhere/1")
+E2 = ExpertSpec("expert2", "shout", "/nowhere/2", threshold=0.8)
+E3 = ExpertSpec("expert3", "antonyms", "/nowhere/3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread: on 2 shared cores it is several times faster than two (see conftest.torch_threads)."""
+    with torch_threads(1):
+        yield
+
+
+# -- order --------------------------------------------------------------------------------------------
+def test_ordered_newest_first_and_oldest_first():
+    experts = [E1, E2, E3]  # registration order
+    assert [e.name for e in ordered(experts, "newest_first")] == ["expert3", "expert2", "expert1"]
+    assert [e.name for e in ordered(experts, "oldest_first")] == ["expert1", "expert2", "expert3"]
+    assert experts == [E1, E2, E3]  # the input is not reordered in place
+    assert ordered([], "newest_first") == []
+
+
+# -- thresholds ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cfg(tiny_model_path) -> SEEConfig:
+    return SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path))
+
+
+@pytest.fixture(scope="module")
+def bare_model(cfg, tiny_model_path):
+    """The base model with no adapter: enough for routers that hold no experts."""
+    return SEEModel(cfg, tiny_model_path)
+
+
+def test_threshold_precedence(bare_model):
+    calibrated, uncalibrated = E2, E1
+    r = Router(bare_model, [], RoutingConfig(default_threshold=0.6))
+    assert r.threshold(calibrated) == 0.8  # calibrated beats default
+    assert r.threshold(uncalibrated) == 0.6  # default when nothing was calibrated
+    g = Router(bare_model, [], RoutingConfig(threshold=0.3, default_threshold=0.6))
+    assert g.threshold(calibrated) == 0.3 and g.threshold(uncalibrated) == 0.3  # global beats both
+
+
+def test_router_without_experts_sends_everything_to_base(bare_model, pool):
+    r = Router(bare_model, [], RoutingConfig(max_new_tokens=4))
+    res = r.route(list(pool[:3]))
+    assert [x.expert for x in res] == [BASE] * 3
+    assert all(x.hops == 0 and x.trace == [] and isinstance(x.answer, str) for x in res)
+    assert [x.answer for x in res] == bare_model.generate(list(pool[:3]), None, 4)
+    assert all(x.answer is None for x in r.route(list(pool[:3]), generate=False))
+
+
+def test_router_refuses_a_broken_adapter_folder(bare_model, tmp_path):
+    from see_ray.core.expert import AdapterError
+
+    with pytest.raises(AdapterError, match="does not exist"):
+        Router(bare_model, [ExpertSpec("x", "t", str(tmp_path / "missing"))], RoutingConfig())
+
+
+# -- calibration --------------------------------------------------------------------------------------
+def test_calibrate_takes_the_kth_smallest():
+    values = [0.6 + 0.006 * i for i in range(50)]
+    random.Random(0).shuffle(values)
+    c = RoutingConfig(calibration_max_false_rejection=0.02)
+    assert calibrate_threshold(values, c) == pytest.approx(0.606)  # k = floor(0.02 * 50) = 1: 2nd smallest
+    # at that threshold exactly one of the 50 own dev queries is falsely rejected (1/50 = 0.02)
+    thr = calibrate_threshold(values, c)
+    assert sum(v < thr for v in values) == 1
+    assert calibrate_threshold(values, RoutingConfig(calibration_max_false_rejection=0.0)) == pytest.approx(0.6)
+    assert calibrate_threshold(values, RoutingConfig(calibration_max_false_rejection=0.1)) == pytest.approx(0.63)
+    assert calibrate_threshold(values[:10], c) == min(values[:10])  # floor(0.2) = 0: the smallest
+
+
+def test_calibrate_clips_into_bounds():
+    c = RoutingConfig(calibration_bounds=(0.5, 0.95))
+    assert calibrate_threshold([0.999] * 20, c) == 0.95
+    assert calibrate_threshold([0.1, 0.2, 0.3], c) == 0.5
+    c2 = RoutingConfig(calibration_bounds=(0.7, 0.7))
+    assert calibrate_threshold([0.2, 0.99], c2) == 0.7
+
+
+def test_calibrate_empty_gives_default():
+    assert calibrate_threshold([], RoutingConfig(default_threshold=0.65)) == 0.65
+
+
+# -- the learning test ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def specs(see_experts):
+    return [ExpertSpec(e["name"], e["task"], e["path"]) for e in see_experts["experts"]]
+
+
+@pytest.fixture(scope="module")
+def see_model(cfg, tiny_model_path, specs):
+    m = SEEModel(cfg, tiny_model_path)
+    Router(m, specs, cfg.routing)  # loads both adapters once
+    return m
+
+
+@pytest.fixture(scope="module")
+def ood_queries(pool):
+    """General queries not in the training pool (another seed of the generator) and a few unrelated ones."""
+    seen = set(pool)
+    fresh = [q for q in general_pool(32, seed=7) if q not in seen][:16]
+    return fresh + unrelated_queries()
+
+
+@pytest.fixture(scope="module")
+def routed(see_model, specs, cfg, two_tasks, ood_queries):
+    arith, shout = two_tasks
+    qa = [arith.query(x) for x in arith.test]
+    qs = [shout.query(x) for x in shout.test]
+    results = Router(see_model, specs, cfg.routing).route(qa + qs + ood_queries)
+    return {"arithmetic": results[: len(qa)], "shout": results[len(qa) : len(qa) + len(qs)],
+            "ood": results[len(qa) + len(qs) :]}
+
+
+def test_expert_training_sets(see_experts, two_tasks, pool, cfg):
+    e1, e2 = see_experts["experts"]
+    from collections import Counter
+
+    assert Counter(x.source for x in e1["examples"]) == {"arithmetic": len(two_tasks[0].train), "general": len(pool)}
+    kept = cfg.rehearsal.keep_count(len(two_tasks[0].train))
+    assert see_experts["buffer"].tasks() == ["arithmetic"]
+    assert Counter(x.source for x in e2["examples"]) == {"shout": len(two_tasks[1].train), "arithmetic": kept,
+                                                         "general": len(pool)}
+    for e in (e1, e2):
+        assert e["result"]["final_loss"] < e["result"]["first_loss"]
+
+
+def test_each_task_reaches_its_own_expert(routed):
+    name_to_task = {"expert1": "arithmetic", "expert2": "shout", BASE: BASE}
+    for task in ("arithmetic", "shout"):
+        to = [name_to_task[r.expert] for r in routed[task]]
+        acc = routing_accuracy([task] * len(to), to)
+        assert acc >= 0.9, (task, to, [[(a.expert, round(a.p_accept, 3)) for a in r.trace] for r in routed[task]])
+
+
+def test_general_queries_reach_the_base_model(routed):
+    to = [r.expert for r in routed["ood"]]
+    assert ood_rejection_rate(to) >= 0.75, [(r.expert, [round(a.p_accept, 3) for a in r.trace]) for r in routed["ood"]]
+    for r in routed["ood"]:
+        if r.expert == BASE:
+            assert isinstance(r.answer, str) and r.hops == 2 and not any(a.accepted for a in r.trace)
+
+
+def test_traces_list_the_walk_newest_first(routed):
+    for group in routed.values():
+        for r in group:
+            assert isinstance(r, RouteResult)
+            assert r.trace[0].expert == "expert2"  # newest first
+            names = [a.expert for a in r.trace]
+            assert names == ["expert2", "expert1"][: len(names)]
+            assert r.hops == len(r.trace)
+            for a in r.trace:
+                assert 0.0 <= a.p_accept <= 1.0 and a.threshold == 0.5 and a.ms >= 0
+                assert a.accepted == (a.p_accept >= a.threshold)
+            assert all(not a.accepted for a in r.trace[:-1])  # the walk stops at the first acceptance
+            if r.expert != BASE:
+                assert r.trace[-1].accepted and r.trace[-1].expert == r.expert and isinstance(r.answer, str)
+    # the expected walks: shout stops at hop 1, arithmetic passes expert 2 and stops at expert 1
+    assert sum(r.hops == 1 and r.expert == "expert2" for r in routed["shout"]) >= 0.9 * len(routed["shout"])
+    arith_ok = [r for r in routed["arithmetic"] if r.expert == "expert1"]
+    assert all(r.hops == 2 and r.trace[0].p_accept < 0.5 for r in arith_ok)
+    d = arith_ok[0].to_dict()
+    assert d["expert"] == "expert1" and d["hops"] == 2 and [t["expert"] for t in d["trace"]] == ["expert2", "expert1"]
+
+
+def test_accepted_answers_come_from_the_accepting_expert(routed, see_model, two_tasks, cfg):
+    arith = two_tasks[0]
+    rs = routed["arithmetic"][:3]
+    qs = [arith.query(x) for x in arith.test[:3]]
+    for q, r in zip(qs, rs):
+        if r.expert != BASE:
+            assert r.answer == see_model.generate([q], r.expert, cfg.routing.max_new_tokens, after_accept=True)[0]
+
+
+def test_batched_walk_equals_per_query_walk(see_model, specs, cfg, two_tasks, ood_queries):
+    arith, shout = two_tasks
+    qs = [arith.query(arith.test[0]), shout.query(shout.test[0]), ood_queries[0], Query(arith.test[1].input)]
+    router = Router(see_model, specs, cfg.routing)
+    batch = router.route(qs, generate=False)
+    for q, b in zip(qs, batch):
+        (one,) = router.route([q], generate=False)
+        assert one.expert == b.expert and one.answer is None
+        assert [a.expert for a in one.trace] == [a.expert for a in b.trace]
+        for x, y in zip(one.trace, b.trace):
+            assert x.p_accept == pytest.approx(y.p_accept, abs=1e-4)
+
+
+def test_oldest_first_starts_with_expert1(see_model, specs, cfg, routed, two_tasks, ood_queries):
+    arith, shout = two_tasks
+    qs = [arith.query(x) for x in arith.test[:4]] + [shout.query(x) for x in shout.test[:4]] + ood_queries[:4]
+    router = Router(see_model, specs, cfg.routing.model_copy(update={"order": "oldest_first"}))
+    assert [e.name for e in router.sequence()] == ["expert1", "expert2"]
+    res = router.route(qs, generate=False)
+    for r in res:
+        assert r.trace[0].expert == "expert1"
+        assert [a.expert for a in r.trace] == ["expert1", "expert2"][: r.hops]
+    # the same expert decisions as newest-first, only asked in another order
+    newest = {"arithmetic": routed["arithmetic"][:4], "shout": routed["shout"][:4]}
+    for r, n in zip(res[:4], newest["arithmetic"]):
+        assert r.trace[0].p_accept == pytest.approx(n.trace[-1].p_accept, abs=1e-4)
+
+
+def test_global_threshold_overrides_calibrated_ones(see_model, specs, cfg, two_tasks):
+    arith = two_tasks[0]
+    qs = [arith.query(x) for x in arith.test[:4]]
+    ps = see_model.decide(qs, "expert2")
+    assert max(ps) < 0.5 and min(ps) > 0.0  # expert 2 rejects arithmetic at the default threshold
+    low = min(ps) / 2
+    strict = [ExpertSpec(s.name, s.task, s.adapter_path, threshold=0.9) for s in specs]
+    res = Router(see_model, strict, cfg.routing.model_copy(update={"threshold": low})).route(qs, generate=False)
+    # the global threshold wins over the experts' own 0.9: expert 2 now accepts at the first hop
+    assert all(r.expert == "expert2" and r.hops == 1 and r.trace[0].threshold == low for r in res)
+
+
+def test_calibrated_thresholds_keep_routing(see_model, specs, cfg, two_tasks):
+    """Calibrate each expert on its own dev queries, then route with those thresholds."""
+    calibrated = []
+    for spec, task in zip(specs, two_tasks):
+        p_dev = see_model.decide([task.query(x) for x in task.dev], spec.name)
+        thr = calibrate_threshold(p_dev, cfg.routing)
+        lo, hi = cfg.routing.calibration_bounds
+        assert lo <= thr <= hi
+        calibrated.append(ExpertSpec(spec.name, spec.task, spec.adapter_path, threshold=thr))
+    router = Router(see_model, calibrated, cfg.routing)
+    for spec, task in zip(calibrated, two_tasks):
+        res = router.route([task.query(x) for x in task.test], generate=False)
+        assert sum(r.expert == spec.name for r in res) >= 0.9 * len(res)
+        assert all(a.threshold == router.threshold(next(s for s in calibrated if s.name == a.expert))
+                   for r in res for a in r.trace)
