@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from ood_diagnosis import load_run  # benchmarks/ is on sys.path when this script runs
 
-from see_ray import metrics
+from see_ray.core import metrics
 from see_ray.tools.builtin import builtin_pool
 from see_ray.core.expert import SEEModel
 from see_ray.core.rehearsal import RehearsalBuffer, reconstruct

@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="see-gpu-path-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK-NOTES gotcha 1
+    # as the project's local clusters: else Ray's token auth switches itself on and `ray job submit` fails
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import torch
 
     torch.set_num_threads(args.threads)

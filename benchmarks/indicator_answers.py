@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from see_ray import metrics
+from see_ray.core import metrics
 from see_ray.config import SEEConfig
 from see_ray.core.data import load_benchmark
 from see_ray.core.expert import SEEModel

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """A bounded HTTP load driver for the SEE endpoint (httpx + asyncio): N requests at C concurrency.
 
-Used by the load and fault tests (tests/test_serve_reliability.py) and by hand against a running server::
+Used by the load and fault tests (tests/cluster/test_serve_reliability.py) and by hand against a running server::
 
     python benchmarks/load.py --url http://127.0.0.1:8000 --requests 2000 --concurrency 16 --max-tokens 4
 

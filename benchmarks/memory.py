@@ -94,7 +94,8 @@ def run_mode(share: bool, cfg, registry, names: list[str], port: int, log) -> di
     from ray import serve
     from ray.serve import RunTarget
 
-    from see_ray.serve import BASE_DEPLOYMENT, base_app, expert_app, start_serve
+    from see_ray.config.constants import BASE_DEPLOYMENT
+    from see_ray.serve import base_app, expert_app, start_serve
     from see_ray.config.serve import ServeConfig
     from see_ray.serve.shared_weights import drop_holders
 

@@ -187,7 +187,7 @@ def main() -> int:
     t_start = time.perf_counter()
     if args.model == "random" and not args.model_config:
         ap.error("--model random needs --model-config")
-    # model.device=cpu: the replicas here reserve no GPU and so compute on the CPU (serve.py), and the direct call
+    # model.device=cpu: the replicas here reserve no GPU and so compute on the CPU (the Serve replica's model.device=auto), and the direct call
     # they are compared with must too; on a GPU machine "auto" would put the direct call alone on the GPU.
     cfg, mp = bench_model(args.model, args.max_tokens, overrides=["model.device=cpu"], model_config=args.model_config)
     work = Path(tempfile.mkdtemp(prefix="see-serve-bench-"))

@@ -37,13 +37,14 @@ class ModelConfig(ConfigBase):
         None,
         ge=1,
         description="torch intra-op threads for this process. None keeps torch's default in-process; Ray "
-        "replicas and workers set it explicitly (see STACK-NOTES: oversubscription costs 150x).",
+        "replicas and workers set it explicitly, because several processes each with torch's default thread "
+        "count oversubscribe the cores.",
     )
     max_prompt_tokens: int = Field(
         384,
         ge=16,
         description="Prompt budget in tokens. Longer inputs are truncated (the input's tail is cut, the "
-        "definition and output cue are kept) with a warning; see data.PromptTemplate.",
+        "definition and output cue are kept) with a warning; see prompts.PromptEncoder.",
     )
 
 
@@ -59,18 +60,17 @@ class LoraSettings(ConfigBase):
 
 
 class IndicatorConfig(ConfigBase):
-    """The ACCEPT / REJECT indicator tokens (SEE.md: two fixed single tokens of the base vocabulary)."""
+    """The ACCEPT / REJECT indicator tokens: two fixed single tokens of the base vocabulary."""
 
     accept: str = Field(" accept", description="Text of the ACCEPT token; must encode to exactly one token.")
     reject: str = Field(" reject", description="Text of the REJECT token; must encode to exactly one token.")
     keep_out_of_answers: bool = Field(
         True,
         description="An accepting expert's answer never contains either indicator token (greedy decoding takes the "
-        "best other token). Measured on the dev split of the 10-task run (docs/results.md): experts trained for "
-        "10 steps with the indicator weighted 5x went on answering ' accept accept ...' or ' reject reject ...' "
-        "after ACCEPT; with the tokens kept out, relation extraction went from 33.7 to 57.9 ROUGE-L and xsum from "
-        "0.0 to 7.7. The cost: an answer cannot use these two tokens (the words survive as other tokenizations, "
-        "e.g. 'accepted', 'Accept'). Base-model and baseline answers are never affected.",
+        "best other token). Why: an expert trained briefly with a heavily weighted indicator may keep emitting "
+        "that token after ACCEPT (' accept accept ...'; docs/results.md). The cost: an answer cannot use these "
+        "two tokens (the words survive as other tokenizations, e.g. 'accepted', 'Accept'). Base-model and "
+        "baseline answers are never affected.",
     )
 
     @model_validator(mode="after")
@@ -81,7 +81,7 @@ class IndicatorConfig(ConfigBase):
 
 
 class RehearsalConfig(ConfigBase):
-    """Rehearsal buffer and task reconstruction (SEE.md step 1)."""
+    """Rehearsal buffer and task reconstruction (SEE's step 1)."""
 
     per_task_fraction: float = Field(
         0.02, ge=0.0, le=1.0, description="Share of a task's training queries kept for rehearsal."
@@ -94,7 +94,8 @@ class RehearsalConfig(ConfigBase):
         description="Rehearsal negatives drawn per earlier task when training a new expert (None: all kept).",
     )
     general_pool_size: int | None = Field(
-        None, ge=0, description="General-pool negatives per expert (None: the whole pool). SEE.md: required."
+        None, ge=0, description="General-pool negatives per expert (None: the whole pool). SEE requires a "
+        "general pool: without negatives that belong to no task, the first expert never learns to reject."
     )
     input_only_share: float = Field(
         0.5,
@@ -135,14 +136,14 @@ class TrainConfig(ConfigBase):
         "LoRA's initialization. The earlier expert stays frozen and unchanged; the new one is still trained only "
         "on its reconstructed set (own task ACCEPT + answer, earlier tasks REJECT). Why: with a small step budget a "
         "fresh adapter learns the indicator but little of the answer format, while an adapter that keeps training "
-        "from task to task does (10-task run, docs/results.md: SeqFT scores 32.6 on each task right after training "
-        "on it, a fresh 10-step SEE expert 19.4). Off by default (SEE.md trains each expert from scratch).",
+        "from task to task does (docs/results.md). Off by default: the SEE method trains each expert from "
+        "LoRA's initialization.",
     )
     bf16_autocast: bool | None = Field(
         None,
         description="bf16 autocast for forward/backward. None = auto: on with CUDA, and on CPU only where oneDNN "
-        "has native bf16 (AVX512-BF16/AMX). Measured here: on an AVX2-only CPU bf16 is emulated and a step of "
-        "the 135M model took 146 s instead of ~5 s; on a CPU with bf16 support it is 1.5x faster (STACK-NOTES).",
+        "has native bf16 (AVX512-BF16/AMX): elsewhere bf16 is emulated and far slower than float32 "
+        "(docs/results.md, training throughput).",
     )
     seed: int = Field(0, description="Seed for data order and adapter initialisation.")
     log_every: int = Field(5, ge=1, description="Report loss and tokens/s every this many steps.")
@@ -155,10 +156,10 @@ class TrainConfig(ConfigBase):
 
 
 class RoutingConfig(ConfigBase):
-    """Sequential routing at inference (SEE.md step 3)."""
+    """Sequential routing at inference (SEE's step 3)."""
 
     order: Literal["newest_first", "oldest_first"] = Field(
-        "newest_first", description="Order in which experts are asked. newest_first is SEE.md's decision."
+        "newest_first", description="Order in which experts are asked. newest_first is the SEE method's."
     )
     threshold: float | None = Field(
         None,

@@ -3,8 +3,9 @@
     ServeConfig.from_yaml("serve.yaml", ["dispatch.mode=concurrent", "expert.autoscaling.max_replicas=4"])
 
 Defaults fit the local machine (2 CPU cores, no GPU): small CPU fractions per replica so that experts, the
-base, the dispatcher and a training job fit side by side (STACK-NOTES gotcha 2), one torch thread per
-replica (gotcha 4), and HTTP on 127.0.0.1 only. On a GPU cluster set ``expert.num_gpus=1`` (and the same for
+base, the dispatcher and a training job fit side by side (Ray Train waits without end for CPUs that Serve
+holds), one torch thread per replica (several processes with torch's default threads on 2 cores oversubscribe
+them), and HTTP on 127.0.0.1 only. On a GPU cluster set ``expert.num_gpus=1`` (and the same for
 ``base``); ``threads`` then matters little.
 """
 
@@ -67,7 +68,7 @@ class ReplicaSettings(ConfigBase):
     )
     threads: int = Field(
         1, ge=1, description="torch intra-op threads (and OMP_NUM_THREADS) inside each replica. Keep the sum "
-        "over replicas near the core count: oversubscription made forward passes 150x slower here."
+        "over replicas near the core count: oversubscribed cores slow every replica's forward passes."
     )
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings, description="Replica autoscaling.")
     max_ongoing_requests: int = Field(
@@ -105,9 +106,8 @@ class BatchSettings(ConfigBase):
     max_batch_size: int = Field(8, ge=1, description="Most requests run in one forward pass / generate call.")
     wait_s: float = Field(
         0.05, ge=0, description="Longest wait for a batch to fill after its first request arrives. With "
-        "`adaptive_wait` it applies only under load, so it may be long: measured here with the real 135M model and "
-        "16 clients, requests reach a replica spread over tens of ms after a batch returns, and a 5-20 ms wait cut "
-        "batches to ~2 requests on average.",
+        "`adaptive_wait` it applies only under load, so it may be long: under load requests reach a replica "
+        "spread over tens of ms after a batch returns, and a shorter wait leaves batches small (docs/results.md).",
     )
     adaptive_wait: bool = Field(
         True, description="Wait for a batch to fill only while the replica is under load (its previous batch held "

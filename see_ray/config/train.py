@@ -36,7 +36,8 @@ class RayTrainConfig(ConfigBase):
         0.5,
         gt=0,
         description="CPUs each worker reserves. Small by default so that training fits next to Serve replicas "
-        "(STACK-NOTES gotcha 2); the worker's torch threads are set separately (threads_per_worker).",
+        "(Ray Train would wait for CPUs that Serve holds); the worker's torch threads are set separately "
+        "(threads_per_worker).",
     )
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each worker reserves when use_gpu.")
     resources_per_worker: dict[str, float] | None = Field(
@@ -74,9 +75,8 @@ class RayTrainConfig(ConfigBase):
         ge=0,
         le=19,
         description="Niceness of the training workers (RAY_worker_niceness in their runtime env). Ray nices "
-        "every worker process by default; a training worker is the job's main work, and niced it lost its "
-        "cores to every Ray background process: 1.27x the in-process wall time on 2 cores, measured. None: "
-        "Ray's default.",
+        "every worker process by default; a training worker is the job's main work, and niced it loses its "
+        "cores to every Ray background process (docs/results.md). None: Ray's default.",
     )
 
     @model_validator(mode="after")

@@ -121,22 +121,47 @@ def _read_superni(path: Path) -> tuple[str, list[Instance]]:
     return definition.strip(), kept
 
 
-def _read_jsonl(path: Path) -> list[Instance]:
-    out = []
+def read_jsonl(path: Path) -> list[tuple[str, object]]:
+    """``(where, value)`` for every non-blank line of a JSON Lines file, ``where`` being ``file:line``; a
+    missing file, non-UTF-8 text or a line that is not JSON is a TaskDataError naming the file and line."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         raise TaskDataError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise TaskDataError(f"{path}: not UTF-8 text ({e})") from None
+    out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            out.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise TaskDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        out.append(_parse_instance(raw, f"{path}:{n}", True))
+    return out
+
+
+def _read_jsonl(path: Path) -> list[Instance]:
+    return [_parse_instance(raw, where, True) for where, raw in read_jsonl(path)]
+
+
+def load_query_pool(path: str | Path) -> list[Query]:
+    """A general query pool: a JSONL file of ``{"input": str, "definition": str?}`` objects (or bare strings)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TaskDataError(f"{p}: no such file")
+    out = []
+    for where, raw in read_jsonl(p):
+        if isinstance(raw, str):
+            raw = {"input": raw}
+        if not isinstance(raw, dict) or not isinstance(raw.get("input"), str) or not raw["input"].strip():
+            raise TaskDataError(f"{where}: expected {{'input': str, 'definition': str?}}")
+        d = raw.get("definition")
+        if d is not None and not isinstance(d, str):
+            raise TaskDataError(f"{where}: 'definition' must be a string")
+        out.append(Query(raw["input"], d or None))
+    if not out:
+        raise TaskDataError(f"{p}: the general pool is empty (the SEE method requires one: it is not optional)")
     return out
 
 

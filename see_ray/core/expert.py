@@ -1,4 +1,5 @@
-"""Expert runtime: one frozen base model plus named LoRA adapters, answering ``decide`` and ``generate``.
+"""The expert model (``SEEModel``): one frozen base model plus named LoRA adapters, answering ``decide`` and
+``generate``.
 
 - ``decide(queries, adapter)``: one batched forward pass over the prompts; p(ACCEPT) is the probability mass
   of the ACCEPT token against REJECT at the first answer position, i.e. sigmoid(logit_A - logit_R).
@@ -26,6 +27,7 @@ import torch
 from see_ray.config import SEEConfig
 from see_ray.core.model import load_base_model, resolve_model_path
 from see_ray.core.prompts import PromptEncoder, Query
+from see_ray.core.routing import accepts
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -88,8 +90,8 @@ class SEEModel:
     def __init__(self, cfg: SEEConfig, model_path: str | None = None, batch_size: int = 16, base=None,
                  device: str | None = None):
         """``base``: a ready (model, tokenizer) pair, e.g. built around weights shared between the replicas
-        of a node (shared_weights.py); by default this process loads a private copy. ``device``: overrides
-        ``model.device`` (a Serve replica resolves "auto" from the GPUs it reserved)."""
+        of a node (see_ray/serve/shared_weights.py); by default this process loads a private copy.
+        ``device``: overrides ``model.device`` (a Serve replica resolves "auto" from the GPUs it reserved)."""
         self.cfg = cfg
         self.model_path = model_path or resolve_model_path(cfg.model)
         self.base, self.tokenizer = base if base is not None else load_base_model(cfg.model, self.model_path)
@@ -244,7 +246,7 @@ class SEEModel:
                     probs[i] = v
                 if threshold is None:
                     continue
-                keep = [r for r, v in enumerate(p) if v >= threshold]
+                keep = [r for r, v in enumerate(p) if accepts(v, threshold)]
                 if not keep:
                     continue
                 gen_ids, gen_mask, cache = self._after_accept(ids, mask, cache, keep)
@@ -356,20 +358,3 @@ class StreamText:
         piece, self.sent = text[len(self.sent) :], text
         return piece
 
-
-class ExpertRuntime:
-    """One expert = the shared base + one adapter; what a Serve replica wraps."""
-
-    def __init__(self, model: SEEModel, name: str, adapter_path: str | Path | None = None):
-        self.model, self.name = model, name
-        if adapter_path is not None:
-            model.load_adapter(name, adapter_path)
-
-    def decide(self, queries: list[Query]) -> list[float]:
-        return self.model.decide(queries, self.name)
-
-    def generate(self, queries: list[Query], max_new_tokens: int = 64) -> list[str]:
-        return self.model.generate(queries, self.name, max_new_tokens, after_accept=True)
-
-    def decide_and_generate(self, queries: list[Query], threshold: float, max_new_tokens: int = 64):
-        return self.model.decide_and_generate(queries, self.name, threshold, max_new_tokens)

@@ -1,4 +1,4 @@
-"""Metrics for SEE experiments (see /work/shared/SEE.md, "What to measure").
+"""Metrics for SEE experiments.
 
 Three families of numbers are computed here:
 
@@ -244,17 +244,8 @@ def plot_score_matrix(
             if R[s][j] is not None:
                 ax.text(j, s, f"{R[s][j]:.1f}", ha="center", va="center",
                         color="white", fontsize=8)
-    ax.set_xticks(range(len(task_labels)))
-    ax.set_xticklabels(task_labels, rotation=45, ha="right")
-    ax.set_yticks(range(T))
-    ax.set_yticklabels([f"after {lab}" for lab in task_labels[:T]])
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("training stage")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _label_and_save(plt, fig, ax, im, task_labels, [f"after {lab}" for lab in task_labels[:T]],
+                    "evaluated task", "training stage", title, path)
 
 
 def plot_confusion(confusion_dict: dict, title: str, path: str) -> None:
@@ -275,14 +266,19 @@ def plot_confusion(confusion_dict: dict, title: str, path: str) -> None:
             color = "white" if vmax and count > vmax / 2 else "black"
             ax.text(k, i, str(count), ha="center", va="center", color=color,
                     fontsize=8)
-    ax.set_xticks(range(n))
-    ax.set_xticklabels(labels, rotation=45, ha="right")
     # The matrix is square over labels + "base": the "base" row holds OOD
     # queries (true destination = base model) when the caller includes them.
-    ax.set_yticks(range(n))
-    ax.set_yticklabels(labels)
-    ax.set_xlabel("answered by")
-    ax.set_ylabel("true task")
+    _label_and_save(plt, fig, ax, im, labels, labels, "answered by", "true task", title, path)
+
+
+def _label_and_save(plt, fig, ax, im, xlabels, ylabels, xlabel: str, ylabel: str, title: str, path: str) -> None:
+    """Tick labels, axis labels, title and colour bar of a heatmap, then write it to ``path``."""
+    ax.set_xticks(range(len(xlabels)))
+    ax.set_xticklabels(xlabels, rotation=45, ha="right")
+    ax.set_yticks(range(len(ylabels)))
+    ax.set_yticklabels(ylabels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()

@@ -7,7 +7,7 @@ Resolution of ``ModelConfig.name_or_path``:
 3. anything else -> handed to ``from_pretrained`` (Hub id or HF cache), with a clear error if it fails.
 
 Why the conversion: transformers loads GGUF files and dequantizes them, but the loaded model keeps a GGUF
-quantizer marker that makes ``save_pretrained`` and training refuse it (STACK-NOTES). A fresh model built
+quantizer marker that makes ``save_pretrained`` and training refuse it. A fresh model built
 from the config, given the dequantized state dict, is an ordinary checkpoint; we cache it content-addressed
 and write it atomically (temporary folder, then rename) so that concurrent first runs cannot see half a copy.
 """
@@ -153,7 +153,7 @@ def load_base_model(cfg: ModelConfig, path: str | None = None):
 
 def freeze_base(model, tok):
     """What makes a loaded model SEE's base: eval mode, no grads, a pad id for batched generation. Used for
-    the private copy above and for the model built around shared weights (shared_weights.py)."""
+    the private copy above and for the model built around shared weights (see_ray/serve/shared_weights.py)."""
     model.eval()
     model.requires_grad_(False)
     if model.generation_config.pad_token_id is None:

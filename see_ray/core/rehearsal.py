@@ -1,9 +1,9 @@
-"""Rehearsal buffer, general negative pool and task reconstruction (SEE.md step 1).
+"""Rehearsal buffer, general negative pool and task reconstruction (SEE's step 1).
 
 When task t arrives its training set is rebuilt as
 - positives: every training instance of t, target ACCEPT + answer;
 - negatives: queries from the rehearsal buffer of tasks 1..t-1, target REJECT (nothing after it);
-- general negatives: queries that belong to no task (SEE.md: without them expert 1 never learns to say no,
+- general negatives: queries that belong to no task (without them expert 1 never learns to say no,
   and unknown queries stop at it instead of reaching the base model), target REJECT.
 A configurable share of all prompts is written without the task definition, so that experts recognise raw
 client queries too. After training, a small sample of t's own queries joins the buffer.

@@ -1,77 +1,23 @@
-"""Sequential routing (SEE.md step 3), in one process.
+"""Sequential routing (SEE's step 3), in one process: ``Router`` walks the expert sequence over a loaded
+``SEEModel``.
 
-The experts form an ordered sequence (newest first by default). A query is offered to them one after
-another; the first whose p(ACCEPT) reaches its threshold answers, and the rest are never asked. If all
-reject, the base model answers. The walk is done for a whole batch at once: every still-unanswered query is
-decided by the next expert in one forward pass, which gives exactly the per-query walk's decisions.
-
-Thresholds: a fixed global value (``routing.threshold``) wins; otherwise each expert's calibrated value
-(``calibrate_threshold`` on its own dev queries at training time); otherwise ``routing.default_threshold``.
+The rule itself (order, thresholds, calibration, the first-accept walk) is ``see_ray.core.routing``'s; this
+module runs it with the model in this process. The walk is done for a whole batch at once: every
+still-unanswered query is decided by the next expert in one forward pass (which generates the answers of the
+queries it accepts from the same pass), which gives exactly the per-query walk's decisions. If all reject,
+the base model answers.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, field
-
 from see_ray.config import RoutingConfig
-from see_ray.core.expert import SEEModel
 from see_ray.config.constants import BASE
+from see_ray.core.expert import SEEModel
 from see_ray.core.prompts import Query
+from see_ray.core.routing import Ask, ExpertSpec, RouteResult, calibrate_threshold, ordered, threshold_of, walk
 
-
-@dataclass
-class ExpertSpec:
-    """What routing needs to know of an expert (the registry holds the full record)."""
-
-    name: str
-    task: str
-    adapter_path: str
-    threshold: float | None = None
-
-
-@dataclass
-class Ask:
-    expert: str
-    p_accept: float
-    threshold: float
-    accepted: bool
-    ms: float  # time of the batched decide this ask was part of
-
-
-@dataclass
-class RouteResult:
-    answer: str | None
-    expert: str  # name of the expert that answered, or "base"
-    trace: list[Ask] = field(default_factory=list)
-
-    @property
-    def hops(self) -> int:
-        return len(self.trace)
-
-    def to_dict(self) -> dict:
-        return {"answer": self.answer, "expert": self.expert, "hops": self.hops, "trace": [asdict(a) for a in self.trace]}
-
-
-def calibrate_threshold(p_own_dev: list[float], cfg: RoutingConfig) -> float:
-    """The largest threshold that keeps false rejection of the expert's own dev queries <= the bound.
-
-    With p sorted ascending, rejecting the k lowest (k = floor(bound * n)) is allowed, so the threshold is
-    p[k]; it is clipped into ``calibration_bounds`` (a near-1.0 value from a small dev set would be brittle
-    on test data, and below 0.5 an expert would accept what it finds more likely to reject).
-    """
-    lo, hi = cfg.calibration_bounds
-    if not p_own_dev:
-        return cfg.default_threshold
-    ps = sorted(p_own_dev)
-    k = math.floor(cfg.calibration_max_false_rejection * len(ps))
-    return min(max(ps[k], lo), hi)
-
-
-def ordered(experts: list[ExpertSpec], order: str) -> list[ExpertSpec]:
-    """``experts`` is in registration order (oldest first)."""
-    return list(reversed(experts)) if order == "newest_first" else list(experts)
+# The routing names were defined here before core.routing existed; tests and tools import them from here too.
+__all__ = ["BASE", "Ask", "ExpertSpec", "RouteResult", "Router", "calibrate_threshold", "ordered"]
 
 
 class Router:
@@ -83,42 +29,44 @@ class Router:
                 model.load_adapter(e.name, e.adapter_path)
 
     def threshold(self, e: ExpertSpec) -> float:
-        if self.cfg.threshold is not None:
-            return self.cfg.threshold
-        return e.threshold if e.threshold is not None else self.cfg.default_threshold
+        return threshold_of(e.threshold, self.cfg)
 
     def sequence(self) -> list[ExpertSpec]:
         return ordered(self.experts, self.cfg.order)
 
     def route(self, queries: list[Query], generate: bool = True) -> list[RouteResult]:
         """Walk the sequence for every query; with ``generate=False`` only decisions are made."""
-        results: list[RouteResult | None] = [None] * len(queries)
-        traces: list[list[Ask]] = [[] for _ in queries]
-        pending = list(range(len(queries)))
-        for e in self.sequence():
-            if not pending:
-                break
-            thr = self.threshold(e)
-            t0 = time.perf_counter()
+        seq = self.sequence()
+
+        async def ask(e: ExpertSpec, idx: list[int]) -> list[dict]:
+            # one batched forward pass; with a threshold the accepted queries' answers come from it too
             probs, answers = self.model.decide_and_generate(
-                [queries[i] for i in pending], e.name, thr if generate else None, self.cfg.max_new_tokens
+                [queries[i] for i in idx], e.name, self.threshold(e) if generate else None, self.cfg.max_new_tokens
             )
-            ms = (time.perf_counter() - t0) * 1000
-            still = []
-            for i, p, a in zip(pending, probs, answers):
-                accepted = p >= thr
-                traces[i].append(Ask(e.name, p, thr, accepted, ms))
-                if accepted:
-                    results[i] = RouteResult(a, e.name, traces[i])
-                else:
-                    still.append(i)
-            pending = still
-        if pending:
-            base = (
-                self.model.generate([queries[i] for i in pending], None, self.cfg.max_new_tokens)
-                if generate
-                else [None] * len(pending)
-            )
-            for i, a in zip(pending, base):
-                results[i] = RouteResult(a, BASE, traces[i])
-        return results  # type: ignore[return-value]
+            return [{"p": p, "answer": a} for p, a in zip(probs, answers)]
+
+        decisions = _run_to_end(walk(seq, queries, ask, [self.threshold(e) for e in seq]))
+        base = [i for i, d in enumerate(decisions) if d.expert is None]
+        answers = (
+            self.model.generate([queries[i] for i in base], None, self.cfg.max_new_tokens)
+            if generate and base
+            else [None] * len(base)
+        )
+        base_answer = dict(zip(base, answers))
+        return [
+            RouteResult(base_answer[i], BASE, d.trace) if d.expert is None
+            else RouteResult(d.result["answer"], d.expert.name, d.trace)
+            for i, d in enumerate(decisions)
+        ]
+
+
+def _run_to_end(coro):
+    """Run a walk whose asks never wait (one expert at a time, each ask a synchronous forward pass) without an
+    event loop: one step runs it to the end. Unlike ``asyncio.run`` this works in any thread, inside a running
+    event loop too (a notebook, an async caller)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the in-process walk waited on something: its asks must not suspend")

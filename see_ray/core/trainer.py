@@ -76,8 +76,7 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
     """The sequence positions whose next token is a target in some row of the batch: the only logits the loss
     reads. Targets are short (an indicator, a few answer tokens) next to their prompts, so asking the model for
     logits at these positions only (``logits_to_keep``) skips most of the output head over the 49k vocabulary and
-    its float32 logits: 7% of a step on the demo's batches (1.22 s -> 1.14 s, one thread, interleaved runs), with
-    the same losses. That is within this 2-core VM's run-to-run noise for whole runs (docs/results.md)."""
+    its float32 logits, with the same losses (docs/results.md, training throughput)."""
     return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
 
 
@@ -93,8 +92,8 @@ def weighted_loss(
         logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
     else:
         labels, weights = labels[:, positions + 1], weights[:, positions + 1]
-    # Select the target positions first: log-softmax over the 49k vocabulary is ~40% of a step, and the
-    # prompt positions (most of them) would only be masked out afterwards (measured: 2.8 s -> 2.0 s a step).
+    # Select the target positions first: log-softmax over the 49k vocabulary is a large share of a step, and
+    # the prompt positions (most of them) would only be masked out afterwards.
     keep = labels != IGNORE
     ce = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
     w = weights[keep]
@@ -136,7 +135,7 @@ def deepspeed_config(tcfg: TrainConfig, micro_batch: int, world_size: int, on_gp
     """The user's DeepSpeed config (file or dict) with batch sizes, optimizer and precision filled in.
 
     Values the user set win, except batch sizes, which must agree with ``training.batch_size``. On CPU we
-    force torch's Adam: DeepSpeed's fused CPU Adam compiles for about a minute on first use (STACK-NOTES).
+    force torch's Adam: DeepSpeed's fused CPU Adam is JIT-compiled on first use, which takes about a minute.
     """
     src = tcfg.deepspeed
     if isinstance(src, str):
@@ -184,8 +183,8 @@ def use_bf16(tcfg: TrainConfig, device: torch.device) -> bool:
 def _skip_shm_comm_build() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op, which training never calls.
 
-    On CPU, DeepSpeed's communication backend compiles ``deepspeed_shm_comm`` when it is created (46 s of g++
-    on a fresh 2-core machine, measured; cached afterwards under TORCH_EXTENSIONS_DIR), but only
+    On CPU, DeepSpeed's communication backend compiles ``deepspeed_shm_comm`` when it is created (most of a
+    minute of g++ on a fresh 2-core machine; cached afterwards under TORCH_EXTENSIONS_DIR), but only
     ``inference_all_reduce`` uses it: ZeRO's gradient all-reduce goes through torch.distributed (gloo). The op
     is skipped by marking it incompatible in DeepSpeed's probe of compatible ops, which the backend consults
     before building (``deepspeed.comm.torch.build_shm_op``); if that internal table moves in a later
@@ -247,7 +246,8 @@ def train_loop_per_worker(config: dict | WorkerJob) -> dict | None:
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = ray.train.torch.get_device()
-        torch.set_num_threads(cfg.model.num_threads or 1)  # 1 per worker: STACK-NOTES gotcha 4
+        # 1 per worker: torch's default thread count in every worker and replica would oversubscribe the cores
+        torch.set_num_threads(cfg.model.num_threads or 1)
         shard = ray.train.get_dataset_shard("train")
         examples = [Example.from_dict(json.loads(r["example"])) for r in shard.iter_rows()]
     else:
@@ -307,8 +307,8 @@ def train_loop_per_worker(config: dict | WorkerJob) -> dict | None:
     for step in range(1, tcfg.steps + 1):
         batch = {k: v.to(device) for k, v in collate(next(batches), encoder.pad_id).items()}
         n_tok = int(batch["attention_mask"].sum())
-        # logits_to_keep takes positions as well as a count; the expert's decide pass (expert.py) already relies on
-        # the base model accepting it
+        # logits_to_keep takes positions as well as a count; the expert's decide pass (core/expert.py) already
+        # relies on the base model accepting it
         positions = loss_positions(batch["labels"])
         with amp:  # no KV cache: training never generates
             logits = (engine or model)(

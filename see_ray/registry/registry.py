@@ -1,6 +1,6 @@
 """The expert registry: the one source of truth for the ordered expert sequence.
 
-Layout under the storage root (see storage.py for what a root can be)::
+Layout under the storage root (see registry/storage.py for what a root can be)::
 
     registry.json                          the document below (the commit point of every change)
     adapters/<name>/v<N>/                  PEFT adapter folder (safetensors) + see_meta.json
@@ -23,7 +23,7 @@ Crash safety ("a job killed at any point leaves the registry exactly as before")
   the same free version and simply overwrites the orphan.
 
 Serialization of concurrent writers (two jobs at once): every change is a read-modify-write of the document
-inside ``_transaction``, which holds a lock:
+inside ``_transaction``, which holds a lock (registry/locks.py):
 - local and NFS roots use ``flock`` on ``registry.lock``. Why a file lock rather than a Ray actor: it needs
   no running cluster (CLI and local development), the kernel releases it the instant the holder dies (a job
   killed with SIGKILL can never leave a stale lock), and on NFS Linux maps flock onto NFS byte-range locks,
@@ -41,15 +41,10 @@ next_position`` (monotonic, never reused), recorded in the record and in the eve
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
-import socket
-import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -57,33 +52,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from see_ray.core.data import validate_name
 from see_ray.core.rehearsal import RehearsalBuffer
+from see_ray.registry.errors import (
+    BaseModelMismatch,
+    ConcurrentModification,
+    ExpertExists,
+    RegistryError,
+)
+from see_ray.registry.locks import ActorLock, FileLock, now_iso
 from see_ray.registry.storage import Storage
 
 REGISTRY_FILE = "registry.json"
 LOCK_FILE = "registry.lock"
 FORMAT = 1
 MAX_EVENTS = 1000
-ACTOR_NAMESPACE = "see_ray"
-
-
-class RegistryError(ValueError):
-    """A registry operation is not possible (unknown expert, name taken, bad document...)."""
-
-
-class ExpertExists(RegistryError):
-    """The name is already in the sequence and ``replace`` was not given."""
-
-
-class ConcurrentModification(RegistryError):
-    """The document changed under a writer that believed it held the lock (lease expired)."""
-
-
-class RegistryLockTimeout(RegistryError):
-    """The registry lock could not be acquired in time."""
-
-
-class BaseModelMismatch(RegistryError):
-    """An adapter was trained on another base model than the registry's experts or the served base."""
 
 
 def _name(name: str, what: str = "expert name") -> str:
@@ -223,137 +204,12 @@ class NewExpert(BaseModel):
     job: dict[str, Any] = Field(default_factory=dict)
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# -- locks ------------------------------------------------------------------------------------------------
-_thread_locks: dict[str, threading.Lock] = {}
-_thread_locks_guard = threading.Lock()
-
-
-class FileLock:
-    """flock on a file next to the registry. flock (unlike fcntl/lockf) conflicts between two descriptors of
-    one process too; a per-path thread lock covers threads of one process on NFS, where flock is emulated
-    with per-process POSIX locks."""
-
-    def __init__(self, path: Path, timeout_s: float):
-        self.path, self.timeout_s = path, timeout_s
-        with _thread_locks_guard:
-            self._tlock = _thread_locks.setdefault(str(path), threading.Lock())
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        deadline = time.monotonic() + self.timeout_s
-        if not self._tlock.acquire(timeout=self.timeout_s):
-            raise RegistryLockTimeout(f"registry lock {self.path}: busy for {self.timeout_s:.0f} s")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise RegistryLockTimeout(
-                                f"registry lock {self.path}: held by another writer for {self.timeout_s:.0f} s"
-                            ) from None
-                        time.sleep(0.05)
-                try:
-                    os.ftruncate(fd, 0)  # who holds it, for humans debugging a wait
-                    os.write(fd, f"{socket.gethostname()} pid {os.getpid()} since {_now()}\n".encode())
-                    yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-        finally:
-            self._tlock.release()
-
-
-class _LockActor:
-    """Lease lock held in a named detached actor (object-store roots). Plain class; wrapped by ray.remote."""
-
-    def __init__(self):
-        self.owner: str | None = None
-        self.expires = 0.0
-
-    def acquire(self, owner: str, lease_s: float) -> bool:
-        now = time.time()
-        if self.owner is None or self.owner == owner or now > self.expires:
-            self.owner, self.expires = owner, now + lease_s
-            return True
-        return False
-
-    def renew(self, owner: str, lease_s: float) -> bool:
-        if self.owner != owner:
-            return False
-        self.expires = time.time() + lease_s
-        return True
-
-    def release(self, owner: str) -> None:
-        if self.owner == owner:
-            self.owner, self.expires = None, 0.0
-
-    def holder(self) -> tuple[str | None, float]:
-        return self.owner, self.expires
-
-
-class ActorLock:
-    def __init__(self, storage_uri: str, timeout_s: float, lease_s: float = 60.0):
-        import ray
-
-        if not ray.is_initialized():
-            if not os.environ.get("RAY_ADDRESS"):
-                raise RegistryError(
-                    f"the registry at {storage_uri} is on an object store: writes are serialized by a Ray actor, "
-                    "so they must run inside the Ray cluster (a job) or with RAY_ADDRESS set"
-                )
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        self.timeout_s, self.lease_s = timeout_s, lease_s
-        name = "registry-lock-" + hashlib.sha256(storage_uri.encode()).hexdigest()[:16]
-        self.actor = (
-            ray.remote(_LockActor)
-            .options(name=name, namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0)
-            .remote()
-        )
-        self.name = name
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        import ray
-
-        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        deadline = time.monotonic() + self.timeout_s
-        while not ray.get(self.actor.acquire.remote(owner, self.lease_s)):
-            if time.monotonic() > deadline:
-                holder = ray.get(self.actor.holder.remote())[0]
-                raise RegistryLockTimeout(f"registry lock {self.name}: held by {holder} for {self.timeout_s:.0f} s")
-            time.sleep(0.2)
-        stop = threading.Event()
-
-        def renew():  # keep the lease while we work; a dead process stops renewing and the lease lapses
-            while not stop.wait(self.lease_s / 3):
-                ray.get(self.actor.renew.remote(owner, self.lease_s))
-
-        t = threading.Thread(target=renew, daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join(timeout=5)
-            ray.get(self.actor.release.remote(owner))
 
 
 # -- the registry -----------------------------------------------------------------------------------------
@@ -472,7 +328,7 @@ class Registry:
 
     def _event(self, doc: RegistryDoc, op: str, rec: ExpertRecord, detail: str | None = None) -> None:
         doc.events.append(
-            Event(generation=doc.generation + 1, time=_now(), op=op, name=rec.name, version=rec.version,
+            Event(generation=doc.generation + 1, time=now_iso(), op=op, name=rec.name, version=rec.version,
                   position=rec.position, detail=detail)
         )
 
@@ -523,7 +379,7 @@ class Registry:
                 rehearsal_count=len(new.rehearsal_samples),
                 training=new.training,
                 validation=new.validation,
-                created_at=_now(),
+                created_at=now_iso(),
                 job=new.job,
             )
             doc.next_position += 1
@@ -610,7 +466,9 @@ class Registry:
 
 def format_sequence(records: list[ExpertRecord], order: str = "newest_first") -> str:
     """A small table of the sequence, in the order routing asks the experts."""
-    rows = list(reversed(records)) if order == "newest_first" else list(records)
+    from see_ray.core.routing import ordered
+
+    rows = ordered(records, order)
     if not rows:
         return "(no experts)"
     lines = [f"{'#':>3} {'name':<20} {'task':<20} {'ver':>3} {'pos':>4} {'status':<9} {'thr':>5} {'accept':>6} {'reject':>6}"]

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP schema of the SEE endpoint: requests, responses, errors.
 
-Endpoints (served by the dispatcher, see serve.py):
+Endpoints (served by the dispatcher, ``ingress.py``; the FastAPI application at the end of this file):
 
 - ``POST /v1/completions``        OpenAI completions (``prompt``: a string, or a list of strings)
 - ``POST /v1/chat/completions``   OpenAI chat completions
@@ -46,14 +46,20 @@ can take the request. Bad input never yields a 500.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any, Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from see_ray.core.prompts import Query
 from see_ray.config.serve import LimitSettings
+
+log = logging.getLogger(__name__)
 
 TRACE_FIELD = "see_routing"
 
@@ -360,3 +366,73 @@ class StopScanner:
         out = self.text[self.sent : max(upto, self.sent)]
         self.sent = max(upto, self.sent)
         return out
+
+
+# -- the FastAPI application ------------------------------------------------------------------------------
+# The dispatcher (ingress.py) adds its endpoints to it; here: the OpenAPI document and the error responses.
+fastapi_app = FastAPI(
+    title="see-ray",
+    description="SEE (Sequential Ensemble of Experts) behind an OpenAI-compatible API. See see_ray/serve/schema.py.",
+)
+
+
+# The POST endpoints read the raw body themselves (size limit before parsing, OpenAI-format errors), so FastAPI
+# cannot see their schemas: they are added to the OpenAPI document here (clients and the fuzz test use it).
+_REQUEST_BODIES = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatRequest,
+    "/v1/route": RouteRequest,
+}
+
+
+def _openapi() -> dict:
+    if fastapi_app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        spec = get_openapi(title=fastapi_app.title, version=fastapi_app.version,
+                           description=fastapi_app.description, routes=fastapi_app.routes)
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in _REQUEST_BODIES.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+            spec["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        fastapi_app.openapi_schema = spec
+    return fastapi_app.openapi_schema
+
+
+fastapi_app.openapi = _openapi
+
+
+@fastapi_app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):  # a bug, never bad input
+    log.exception("internal error")
+    err = APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    err = APIError(422, f"invalid request: {exc.errors()[:1]}", code="invalid_value")
+    return JSONResponse(err.body(), status_code=422)
+
+
+@fastapi_app.exception_handler(404)
+async def _not_found(request: Request, exc):
+    err = APIError(404, f"no route {request.method} {request.url.path}", code="not_found")
+    return JSONResponse(err.body(), status_code=404)
+
+
+@fastapi_app.exception_handler(405)
+async def _bad_method(request: Request, exc):
+    err = APIError(405, f"method {request.method} not allowed on {request.url.path}", code="method_not_allowed")
+    return JSONResponse(err.body(), status_code=405)

@@ -31,7 +31,8 @@ from see_ray.core.data import Task
 from see_ray.core.expert import SEEModel
 from see_ray.core.prompts import Query
 from see_ray.core.rehearsal import RehearsalBuffer, plain_sft, reconstruct
-from see_ray.core.router import ExpertSpec, Router, calibrate_threshold
+from see_ray.core.router import Router
+from see_ray.core.routing import ExpertSpec, accepts, calibrate_threshold, calibration_queries
 from see_ray.core.trainer import train_adapter
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class CachedBackend:
         probs = self.decide(queries, adapter)
         answers: list[str | None] = [None] * len(queries)
         if threshold is not None:
-            acc = [i for i, p in enumerate(probs) if p >= threshold]
+            acc = [i for i, p in enumerate(probs) if accepts(p, threshold)]
             for i, a in zip(acc, self.generate([queries[i] for i in acc], adapter, max_new_tokens, True)):
                 answers[i] = a
         return probs, answers
@@ -147,7 +148,7 @@ class QualityBench:
             warm = experts[-1].adapter_path if self.cfg.training.warm_start and experts else None
             path = self._train(name, examples, init=warm)
             self.model.load_adapter(name, path)
-            dev = [task.query(x, m) for x in task.dev for m in (True, False)]  # calibrate on both prompt modes
+            dev = calibration_queries(task, self.cfg.rehearsal.input_only_share)
             thr = calibrate_threshold(self.model.decide(dev, name), self.cfg.routing)
             experts.append(ExpertSpec(name, task.name, path, thr))
             buffer.add_task(task, self.cfg.rehearsal)

@@ -5,7 +5,7 @@ Three small tasks that the real 135M model learns in a few dozen steps and that 
 - ``shout``: a short lowercase phrase -> the same words in capitals;
 - ``antonyms``: a word -> its opposite.
 The general pool holds ordinary requests that belong to none of them (questions, instructions, chit-chat);
-every expert learns to reject it, so such queries reach the base model (SEE.md's out-of-distribution path).
+every expert learns to reject it, so such queries reach the base model (SEE's out-of-distribution path).
 The same generators give the tests their synthetic tasks, the demo its tasks and the add-expert job its default
 general pool.
 """

@@ -80,7 +80,8 @@ def _demo_in_process(args) -> int:
     from see_ray.tools.demo import demo_queries
     from see_ray.core.expert import SEEModel
     from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
-    from see_ray.core.router import ExpertSpec, Router, calibrate_threshold
+    from see_ray.core.router import Router
+    from see_ray.core.routing import ExpertSpec, calibrate_threshold, calibration_queries
     from see_ray.core.trainer import train_adapter
 
     cfg = _load_config(args, DEMO_DEFAULTS)
@@ -98,7 +99,7 @@ def _demo_in_process(args) -> int:
         path = out / "adapters" / task.name
         stats = train_adapter(examples, cfg, model.model_path, path, meta={"name": task.name, "task": task.name})
         model.load_adapter(task.name, path)
-        dev = [task.query(x, m) for x in task.dev for m in (True, False)]
+        dev = calibration_queries(task, cfg.rehearsal.input_only_share)
         thr = calibrate_threshold(model.decide(dev, task.name), cfg.routing)
         experts.append(ExpertSpec(task.name, task.name, str(path), thr))
         buffer.add_task(task, cfg.rehearsal)

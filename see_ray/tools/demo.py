@@ -62,7 +62,7 @@ class _DropLines(io.TextIOBase):
 class _TrainProgress(threading.Thread):
     """Prints a job's training progress in the demo's own output. The demo does not forward worker logs (Ray
     Train, Ray Data and DeepSpeed flood a 2-core terminal); the run's rank-0 reports are read back from the
-    metrics file Ray Train's controller writes at every report (train_ray.METRICS_FILE)."""
+    metrics file Ray Train's controller writes at every report (see_ray.training.ray_train.METRICS_FILE)."""
 
     def __init__(self, storage, name: str, steps: int, log, period_s: float = 2.0):
         super().__init__(daemon=True)
@@ -153,7 +153,8 @@ def run_serve_demo(
     tasks = demo_tasks(n=train_per_task)
     started_ray = False
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK-NOTES gotcha 1
+        # as the project's local clusters: else Ray's token auth switches itself on and `ray job submit` fails
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if address:
             log(f"[1/5] connecting to Ray at {address}")
             ray.init(address=address, log_to_driver=False)

@@ -115,7 +115,8 @@ def _sync_serving(args, reg: Registry, name: str, active: bool) -> int:
         from see_ray.serve import add_expert_live, live_app_for, remove_expert_live
 
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK-NOTES gotcha 1, as the project's clusters
+            # as the project's local clusters: else Ray's token auth switches itself on and `ray job submit` fails
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address=address, log_to_driver=False)
         conf, why = live_app_for(reg.storage.uri, args.app)
         if conf is None:

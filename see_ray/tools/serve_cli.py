@@ -68,7 +68,8 @@ def cmd_serve(args) -> int:
         print(f"[serve] connecting to Ray at {address}", flush=True)
         ray.init(address=address, log_to_driver=False)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # STACK-NOTES gotcha 1
+        # as the project's local clusters: else Ray's token auth switches itself on and `ray job submit` fails
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         print("[serve] starting a local Ray instance", flush=True)
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     print(f"[serve] registry {storage}", flush=True)

@@ -15,6 +15,7 @@ import os
 import socket
 from typing import Any
 
+from see_ray.core.routing import ordered
 from see_ray.registry import Registry, RegistryError
 from see_ray.registry.storage import Storage, StorageError, default_storage_uri
 
@@ -130,7 +131,7 @@ def collect(storage: str | None = None, address: str | None = None, app: str | N
     recs = Registry(uri).list()
     in_seq = {e["name"] for e in (seq_info or {}).get("sequence", [])}
     experts = []
-    for rec in (list(reversed(recs)) if order == "newest_first" else recs):
+    for rec in ordered(recs, order):
         e = {"name": rec.name, "task": rec.task, "version": rec.version, "position": rec.position,
              "registry_status": rec.status, "threshold": rec.threshold}
         if conf:  # expert applications are named by the running SEE application's settings: only then known

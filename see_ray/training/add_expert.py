@@ -46,7 +46,7 @@ from pathlib import Path
 
 
 from see_ray.config import ConfigError, SEEConfig
-from see_ray.core.data import Task, TaskDataError, load_task, validate_name
+from see_ray.core.data import Task, TaskDataError, load_query_pool, load_task, validate_name
 from see_ray.core.prompts import IndicatorError, Query
 from see_ray.registry import (
     BaseModelIdentity,
@@ -61,6 +61,7 @@ from see_ray.registry import (
     format_sequence,
 )
 from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
+from see_ray.core.routing import accepts, calibrate_threshold, calibration_queries, prompt_forms, threshold_of
 from see_ray.registry.storage import Storage, StorageError, default_storage_uri, is_uri
 from see_ray.config.train import JobConfig, RayTrainConfig, ValidationBars
 from see_ray.training.ray_train import TrainOutcome, ensure_ray, train_on_ray
@@ -124,32 +125,15 @@ def job_identity() -> dict:
 
 
 def load_general_pool(path: str | None) -> list[Query]:
+    """``--general-pool``: the built-in pool when not given, else the JSONL file (core.data.load_query_pool)."""
     if path is None:
         from see_ray.tools.builtin import general_pool
 
         return general_pool()
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"--general-pool {p}: no such file")
-    out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{p}:{n}: not valid JSON ({e.msg})") from None
-        if isinstance(raw, str):
-            raw = {"input": raw}
-        if not isinstance(raw, dict) or not isinstance(raw.get("input"), str) or not raw["input"].strip():
-            raise BadInput(f"{p}:{n}: expected {{'input': str, 'definition': str?}}")
-        d = raw.get("definition")
-        if d is not None and not isinstance(d, str):
-            raise BadInput(f"{p}:{n}: 'definition' must be a string")
-        out.append(Query(raw["input"], d or None))
-    if not out:
-        raise BadInput(f"{p}: the general pool is empty (SEE.md: it is required, not optional)")
-    return out
+    try:
+        return load_query_pool(path)
+    except TaskDataError as e:
+        raise BadInput(f"--general-pool {e}") from None
 
 
 @dataclass
@@ -240,18 +224,6 @@ def build_training_set(inp: Inputs, doc: RegistryDoc):
 
 
 # -- step 4: validation ---------------------------------------------------------------------------------
-def prompt_forms(queries: list[Query], input_only_share: float) -> list[Query]:
-    """The queries in the prompt forms the expert was trained on (``rehearsal.input_only_share``): with the
-    task definition, input-only (what clients usually send, SEE.md caveat), or both when training mixed them."""
-    out = []
-    for q in queries:
-        if input_only_share < 1.0 or not q.definition:
-            out.append(q)
-        if input_only_share > 0.0 and q.definition:
-            out.append(Query(q.input, None))
-    return out
-
-
 def other_task_queries(buffer: RehearsalBuffer, share: float, tasks: list[str] | None = None) -> dict[str, list[Query]]:
     return {
         t: prompt_forms([Query(s["input"], s.get("definition")) for s in samples], share)
@@ -265,26 +237,24 @@ def reject_rates(model, name: str, per_task: dict[str, list[Query]], thr: float)
     for t, qs in per_task.items():
         if qs:
             ps = model.decide(qs, name)
-            out[t] = sum(p < thr for p in ps) / len(ps)
+            out[t] = sum(not accepts(p, thr) for p in ps) / len(ps)
     return out
 
 
 def validate_expert(model, inp: Inputs, buffer: RehearsalBuffer) -> dict:
     """Accept rate on own dev queries, reject rate on other tasks' rehearsal queries, calibrated threshold."""
-    from see_ray.core.router import calibrate_threshold
-
     name = inp.task.name
     share = inp.see.rehearsal.input_only_share
-    own = prompt_forms([inp.task.query(x) for x in inp.task.dev], share)
+    own = calibration_queries(inp.task, share)
     p_own = model.decide(own, name)
     calibrated = calibrate_threshold(p_own, inp.see.routing)
-    thr = inp.see.routing.threshold if inp.see.routing.threshold is not None else calibrated
+    thr = threshold_of(calibrated, inp.see.routing)  # the routing rule, with the calibrated value as this expert's
     others = other_task_queries(buffer, share)
     per_task = reject_rates(model, name, others, thr)
     n_other = sum(len(q) for q in others.values())
     reject = sum(r * len(others[t]) for t, r in per_task.items()) / n_other if n_other else None
     general = reject_rates(model, name, {"general": prompt_forms(inp.pool, share)}, thr).get("general")
-    accept = sum(p >= thr for p in p_own) / len(p_own)
+    accept = sum(accepts(p, thr) for p in p_own) / len(p_own)
     return {
         "threshold": thr,
         "calibrated_threshold": calibrated,
@@ -308,7 +278,7 @@ def passes(v: dict) -> bool:
 def deploy_live(record: ExpertRecord, registry: Registry, see: SEEConfig) -> dict:
     """Step 6: deploy the newly registered expert into the running serving application.
 
-    The expert becomes its own Serve application (nothing running is redeployed: STACK-NOTES gotcha 5), with
+    The expert becomes its own Serve application (so nothing running is redeployed), with
     the configuration the dispatcher serves with; once it has a running replica the dispatcher is told to
     refresh and puts it into its sequence (see_ray.serve.add_expert_live). The SEE application's name is
     ``$SEE_RAY_SERVE_APP`` (default ``see``). Returns {"deployed": bool, "serving": bool, "message": str, ...}.

@@ -12,12 +12,13 @@
   prints the loss and tokens/s that the workers report every ``training.log_every`` steps, which is where
   they show up in a job's logs.
 
-What the STACK-NOTES gotchas require, and where it is done:
-- resources missing (Serve holding the CPUs) must fail fast, not retry forever: ``FailureConfig(
+What Ray Train and DeepSpeed on small CPU machines require, and where it is done:
+- resources missing (Serve holding the CPUs) must fail fast, because Ray Train otherwise retries starting its
+  workers without end: ``FailureConfig(
   max_failures=0, controller_failure_limit=0)`` plus ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (Ray Train
   propagates that variable from the driver to its controller);
 - one torch thread per worker by default and ``OMP_NUM_THREADS`` in the workers' runtime env (two processes
-  with default thread pools on two cores were 150x slower);
+  with default thread pools on two cores oversubscribe them);
 - DeepSpeed compiles ops on first use: the loop uses torch's Adam on CPU, and ``torch_extensions_dir``
   points the JIT cache at a persistent folder where runs repeat.
 """
@@ -61,8 +62,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, include_
         ray.init(address=address)
         return
     # A local instance for development. Token auth would otherwise switch itself on and write
-    # ~/.ray/auth_token, which then breaks `ray job submit` against clusters started without it
-    # (STACK-NOTES gotcha 1): the project runs its local clusters with RAY_AUTH_MODE=disabled.
+    # ~/.ray/auth_token, which then breaks `ray job submit` and `ray status` against clusters started
+    # without it: the project runs its local clusters with RAY_AUTH_MODE=disabled.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard)
 

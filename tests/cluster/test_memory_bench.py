@@ -1,29 +1,20 @@
-"""benchmarks/memory.py runs end to end in one command (tiny model, 2 experts + base, its own local Ray) and
-tells shared from private replicas by where their weights live, read from /proc."""
+"""benchmarks/memory.py runs end to end in one command (tiny model, 2 experts + base, a Ray of its own) and
+tells shared from private replicas by where their weights live, read from /proc. The command runs beside the
+other cluster tests (the ``memory_benchmark`` fixture); this test waits for it and checks what it wrote."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def test_memory_benchmark_tiny(tmp_path):
-    out = tmp_path / "memory.json"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "memory.py"), "--model", "tiny", "--experts", "2", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=840, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_memory_benchmark_tiny(memory_benchmark):
+    proc, out = memory_benchmark["proc"], memory_benchmark["out"]
+    proc.wait(timeout=840)
+    assert proc.returncode == 0, memory_benchmark["log"].read_text()[-6000:]
     res = json.loads(out.read_text())
     assert res["experts"] == 2 and res["model"] == "tiny" and res["command"].startswith("python benchmarks/memory.py")
     for key in ("pss_mib_one_replica", "pss_mib_2_experts_plus_base", "ratio_many_vs_one", "base_weights_mib"):

@@ -4,84 +4,42 @@ second node, load its adapter there from the storage URI, and answer over HTTP t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import SERVE_TEST_OVERRIDES, _free_ports, _kill_tree, register_expert, tiny_overrides
+from support import SERVE_TEST_OVERRIDES, register_expert
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-NODE_RESOURCE = "see_node_b"
-
-
-@pytest.fixture
-def second_node(ray_head):
-    """`ray start --address=<head> --resources={"see_node_b": 1} --block` on its own ports and temp dir, in its
-    own process group; killed by pid afterwards (never `ray stop`)."""
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="srn-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    nm, om, agent, agent_grpc, rt_env, metrics = _free_ports(6)
-    cmd = ["ray", "start", f"--address={ray_head['address']}", "--block", "--node-ip-address=127.0.0.1",
-           "--num-cpus=1", f"--resources={json.dumps({NODE_RESOURCE: 1})}", f"--temp-dir={temp}",
-           f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rt_env}",
-           f"--metrics-export-port={metrics}", "--disable-usage-stats"]
-    log = Path(temp) / "ray-start.log"
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, env=ray_head["env"], stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        node = None
-        while node is None:
-            node = next((n for n in ray.nodes() if n["Alive"] and n["Resources"].get(NODE_RESOURCE)), None)
-            if node is None:
-                assert proc.poll() is None, f"worker node exited: {log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, f"worker node did not join: {log.read_text()[-2000:]}"
-                time.sleep(1)
-        yield {"node_id": node["NodeID"], "proc": proc, "temp": temp}
-    finally:
-        _kill_tree(proc)
-        import shutil
-
-        if not os.environ.get("SEE_RAY_KEEP_RAY_LOGS"):
-            shutil.rmtree(temp, ignore_errors=True)
-
 
 def test_expert_pinned_to_second_node_loads_adapter_from_storage_and_answers(
-    ray_head, second_node, see_expert1, tiny_model_path, tmp_path
+    ray_head, second_node, see_expert1, tiny_cfg, tmp_path
 ):
     import ray
     from ray import serve
 
-    from see_ray.config import SEEConfig
+    from see_ray.config.serve import ServeConfig
     from see_ray.registry import Registry
     from see_ray.serve import deploy_all
-    from see_ray.config.serve import ServeConfig
 
     head_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] and
                    n["Resources"].get("node:__internal_head__"))
     assert second_node["node_id"] != head_id
-    cfg = SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path))
+    resource = second_node["resource"]
     storage = f"file://{tmp_path / 'storage'}"
-    rec = register_expert(Registry(storage), see_expert1, cfg, threshold=0.5)
+    rec = register_expert(Registry(storage), see_expert1, tiny_cfg, threshold=0.5)
     scfg = ServeConfig.from_yaml(None, [
         f"port={ray_head['http_port']}", *SERVE_TEST_OVERRIDES,
         # own application names and route: other tests' applications on the same head stay untouched
         "app_name=see-mn", "route_prefix=/mn", "base_app=see-mn-base", "expert_app_prefix=see-mn-expert-",
-        f"per_expert.expert1.resources.{NODE_RESOURCE}=1", "per_expert.expert1.autoscaling.max_replicas=1",
+        f"per_expert.expert1.resources.{resource}=1", "per_expert.expert1.autoscaling.max_replicas=1",
     ])
-    assert scfg.expert_settings("expert1").actor_options()["resources"] == {NODE_RESOURCE: 1.0}
+    assert scfg.expert_settings("expert1").actor_options()["resources"] == {resource: 1.0}
     apps = ["see-mn", "see-mn-base", "see-mn-expert-expert1"]
     try:
-        info = deploy_all(cfg, scfg, storage)
+        info = deploy_all(tiny_cfg, scfg, storage)
         assert [e["name"] for e in info["sequence"]] == ["expert1"]
         # the replica runs on the second node, and loaded the adapter the registry recorded there
         rep = serve.get_deployment_handle("expert1", "see-mn-expert-expert1").info.remote().result(timeout_s=60)

@@ -37,7 +37,8 @@ def mixed_queries(two_tasks, pool):
 def in_process_router(served, tiny_model_path):
     """The in-process Router over the same experts and thresholds: the dispatcher must decide the same."""
     from see_ray.core.expert import SEEModel
-    from see_ray.core.router import ExpertSpec, Router
+    from see_ray.core.router import Router
+    from see_ray.core.routing import ExpertSpec
 
     cfg = served["cfg"]
     recs = served["registry"].list()
@@ -350,12 +351,13 @@ def test_prometheus_metrics(served, ray_head, mixed_queries):
         keys[f"hop_ms_count {e}"] = ("see_hop_ms_count", {"expert": e, **app})
 
     # Ray exports application metrics every few seconds: the baseline is taken once the export is quiet
-    # (unchanged for longer than an export period), so the deltas below are this test's traffic alone.
+    # (unchanged for three export periods), so the deltas below are this test's traffic alone.
+    period = ray_head["metrics_report_s"]
     deadline = time.monotonic() + 120
     base, since = _metric_values(_scrape(port), keys), time.monotonic()
-    while time.monotonic() - since < 15:  # > the 10 s export period (ray._config.metrics_report_interval_ms)
+    while time.monotonic() - since < 3 * period:
         assert time.monotonic() < deadline, "metrics export never settled"
-        time.sleep(1)
+        time.sleep(period / 2)
         now = _metric_values(_scrape(port), keys)
         if now != base:
             base, since = now, time.monotonic()
@@ -382,7 +384,7 @@ def test_prometheus_metrics(served, ray_head, mixed_queries):
         if got == want:
             break
         assert time.monotonic() < deadline, f"metric deltas after 90 s: {got}, expected {want}"
-        time.sleep(2)
+        time.sleep(period / 2)
 
     # the histograms are real histograms with plausible values
     for e in ("expert1", "expert2"):

@@ -3,13 +3,10 @@ client loop (zero failed requests, used afterwards), autoscaling of one busy exp
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,10 +14,10 @@ import pytest
 from see_ray.tools.builtin import antonyms_task
 from see_ray.tools.demo import write_task_folder
 
-from conftest import tiny_overrides
+from support import REPO, load_driver, running_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
-REPO = Path(__file__).resolve().parents[2]
+chat_body = load_driver().chat_body  # (text, model, definition, max_tokens)
 
 
 class ClientLoop(threading.Thread):
@@ -50,65 +47,44 @@ class ClientLoop(threading.Thread):
                     self.failures.append(("exception", repr(e)))
 
 
-def chat_body(text: str, definition: str | None, model: str = "see", max_tokens: int = 3) -> dict:
-    msgs = ([{"role": "system", "content": definition}] if definition else []) + [{"role": "user", "content": text}]
-    return {"model": model, "messages": msgs, "max_tokens": max_tokens}
-
-
-def replicas(app: str, deployment: str) -> int:
-    from ray import serve
-
-    st = serve.status().applications.get(app)
-    if st is None or deployment not in st.deployments:
-        return 0
-    return sum(n for k, n in st.deployments[deployment].replica_states.items() if str(getattr(k, "value", k)) == "RUNNING")
-
-
-def test_live_add_by_job_under_load_then_used(served, ray_head, two_tasks, tmp_path):
+def test_live_add_by_job_under_load_then_used(served, jobs, two_tasks, tmp_path):
     task = antonyms_task(n=80, n_dev=12, n_test=12)
     folder = write_task_folder(task, tmp_path / "antonyms")
     arith, shout = two_tasks
-    bodies = [chat_body(x.input, arith.definition) for x in arith.test[:3]]
-    bodies += [chat_body(x.input, shout.definition) for x in shout.test[:3]]
-    bodies += [chat_body(x.input, task.definition) for x in task.test[:3]]
+    bodies = [chat_body(x.input, "see", arith.definition, 3) for x in arith.test[:3]]
+    bodies += [chat_body(x.input, "see", shout.definition, 3) for x in shout.test[:3]]
+    bodies += [chat_body(x.input, "see", task.definition, 3) for x in task.test[:3]]
     loop = ClientLoop(served["url"], bodies)
     loop.start()
-    sets = []
-    for o in tiny_overrides(served["cfg"].model.name_or_path):
-        sets += ["--set", o]
-    cmd = [
-        "ray", "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
-        "--submission-id", f"add-antonyms-{os.getpid()}",
-        "--", "python", "jobs/add_expert.py", "--task", str(folder), "--name", "antonyms",
-        "--storage", served["storage"], "--workers", "1", "--min-accept", "0.5", "--min-reject", "0.5",
-        "--set", "ray_train.deepspeed=null", *sets,
-    ]
+    # 60 steps: the new expert must route its own queries (asserted below), which the tiny model learns well
+    # within 40 steps on these synthetic tasks (test_demo.py), not only pass the job's 0.5 bars
+    args = jobs.args(folder, "antonyms", served["storage"], steps=60, bars=0.5,
+                     extra=["--workers", "1", "--set", "ray_train.deepspeed=null"])
     try:
-        job = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=1200)
+        sid, job = jobs.submit(args)
     finally:
         time.sleep(3)  # a few requests after the addition, too
         loop.stop.set()
         loop.join(timeout=180)
-    out = job.stdout + job.stderr
-    assert job.returncode == 0, out[-4000:]
-    result = json.loads(next(line for line in out.splitlines() if line.startswith("SEE_RAY_RESULT "))[15:])
+    assert job.returncode == 0, jobs.logs(sid)[-4000:]
+    result = jobs.result(sid)
     assert result["deploy"]["deployed"], result["deploy"]
     assert loop.ok > 0 and loop.failures == [], loop.failures[:5]
 
     info = httpx.get(served["url"] + "/v1/experts", timeout=30).json()
     assert [e["name"] for e in info["sequence"]][0] == "antonyms"  # newest first
-    used = [httpx.post(served["url"] + "/v1/chat/completions", json=chat_body(x.input, task.definition),
+    used = [httpx.post(served["url"] + "/v1/chat/completions", json=chat_body(x.input, "see", task.definition, 3),
                        timeout=120).json()["see_routing"]["expert"] for x in task.test[:4]]
     assert used.count("antonyms") >= 3, used
     # the experts that were running were never redeployed: still one replica each, same applications
-    assert replicas(served["scfg"].expert_app("expert1"), "expert1") >= 1
+    assert running_replicas(served["scfg"].expert_app("expert1"), "expert1") >= 1
 
 
 def test_autoscaling_one_busy_expert(served):
     scfg = served["scfg"]
     target, others = "expert1", ["expert2"]
-    assert replicas(scfg.expert_app(target), target) == scfg.expert.autoscaling.min_replicas
-    body = chat_body("12 + 30", None, model=target, max_tokens=8)
+    assert running_replicas(scfg.expert_app(target), target) == scfg.expert.autoscaling.min_replicas
+    body = chat_body("12 + 30", target, None, 8)
     loops = [ClientLoop(served["url"], [body], max_requests=2000, max_s=240) for _ in range(6)]
     for lp in loops:
         lp.start()
@@ -116,8 +92,8 @@ def test_autoscaling_one_busy_expert(served):
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
-            peak = max(peak, replicas(scfg.expert_app(target), target))
-            others_max = max(others_max, *(replicas(scfg.expert_app(o), o) for o in others))
+            peak = max(peak, running_replicas(scfg.expert_app(target), target))
+            others_max = max(others_max, *(running_replicas(scfg.expert_app(o), o) for o in others))
             if peak >= scfg.expert.autoscaling.max_replicas:
                 break
             time.sleep(1)
@@ -130,7 +106,7 @@ def test_autoscaling_one_busy_expert(served):
     assert others_max == scfg.expert.autoscaling.min_replicas
     assert sum(len(lp.failures) for lp in loops) == 0
     deadline = time.monotonic() + 180
-    while replicas(scfg.expert_app(target), target) > scfg.expert.autoscaling.min_replicas:
+    while running_replicas(scfg.expert_app(target), target) > scfg.expert.autoscaling.min_replicas:
         assert time.monotonic() < deadline, "did not scale back down after the load stopped"
         time.sleep(2)
 
@@ -153,7 +129,8 @@ def test_registry_cli_disable_enable_remove_live(served, ray_head, two_tasks):
     scfg = served["scfg"]
     app = scfg.expert_app("expert2")
     shout = two_tasks[1]
-    loop = ClientLoop(served["url"], [chat_body(x.input, shout.definition) for x in shout.test[:3]], max_s=300)
+    bodies = [chat_body(x.input, "see", shout.definition, 3) for x in shout.test[:3]]
+    loop = ClientLoop(served["url"], bodies, max_s=300)
     loop.start()
     try:
         time.sleep(2)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from see_ray.tools.cli import main
-from test_data import superni
+
+from support import REPO, set_args, superni_file, tiny_overrides
 
 
 @pytest.fixture
@@ -15,8 +16,8 @@ def bench_dir(tmp_path):
     for i, n in enumerate(names):
         d = tmp_path / n
         d.mkdir()
-        superni(d / "train.json", 6, definition=f"Definition {i}.")
-        superni(d / "test.json", 3, definition=f"Definition {i}.", start=100)
+        superni_file(d / "train.json", 6, definition=f"Definition {i}.")
+        superni_file(d / "test.json", 3, definition=f"Definition {i}.", start=100)
     (tmp_path / "order.txt").write_text("\n".join(names) + "\n")
     return tmp_path
 
@@ -46,9 +47,7 @@ def test_reuse_adapters_reevaluates_the_same_experts(bench_dir, tmp_path, tiny_m
     reused adapter, and with nothing changed at inference time the figures are the earlier run's."""
     import json
 
-    from conftest import tiny_overrides
-
-    sets = [a for o in tiny_overrides(tiny_model_path, **{"training.steps": 2}) for a in ("--set", o)]
+    sets = set_args(tiny_overrides(tiny_model_path, **{"training.steps": 2}))
     common = ["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
               "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",
               "--methods", "SEE,Oracle", *sets]
@@ -68,16 +67,17 @@ def test_reuse_adapters_must_be_a_folder(bench_dir, tmp_path):
     assert "--reuse-adapters" in msg and "nope" in msg
 
 
-def test_merge_quality_runs(tmp_path):
+def test_merge_quality_runs(tmp_path, monkeypatch):
     """benchmarks/merge_quality.py: runs that split the methods merge into one table, complete once every method
-    is in; a baselines-only run may lack fields that act only on SEE's answers; other differences are refused."""
+    is in; a baselines-only run may lack fields that act only on SEE's answers; other differences are refused.
+    The script runs once as a command; the other merges call its main() in this process (each command would
+    import torch and transformers again, seconds each)."""
+    import importlib.util
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
-    pub = json.loads((repo / "docs" / "results" / "quality-full.json").read_text())
+    pub = json.loads((REPO / "docs" / "results" / "quality-full.json").read_text())
     keep = {k: v for k, v in pub.items() if k not in ("methods", "complete", "reused_adapters")}
     see_cfg = json.loads(json.dumps(pub["config"]))
     see_cfg["indicators"]["keep_out_of_answers"] = True
@@ -92,38 +92,46 @@ def test_merge_quality_runs(tmp_path):
     }
     for name, r in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    script = REPO / "benchmarks" / "merge_quality.py"
+    spec = importlib.util.spec_from_file_location("merge_quality", script)
+    merge_quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_quality)
 
-    def merge(*names):
-        return subprocess.run([sys.executable, str(repo / "benchmarks" / "merge_quality.py"),
-                               *(str(tmp_path / f"{n}.json") for n in names), "--out", str(tmp_path / "m")],
-                              capture_output=True, text=True, timeout=120)
+    def argv(*names) -> list[str]:
+        return [*(str(tmp_path / f"{n}.json") for n in names), "--out", str(tmp_path / "m")]
 
-    p = merge("see", "base", "mtl")
+    def merge(*names) -> str | None:
+        """None when the runs merged, else why they were refused."""
+        with monkeypatch.context() as m:
+            m.setattr(sys, "argv", [str(script), *argv(*names)])
+            try:
+                merge_quality.main()
+            except SystemExit as e:
+                return str(e)
+        return None
+
+    p = subprocess.run([sys.executable, str(script), *argv("see", "base", "mtl")], capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "m" / "quality.json").read_text())["complete"] is False  # no Replay yet
-    p = merge("see", "base", "mtl", "replay")
-    assert p.returncode == 0, p.stderr
+    assert merge("see", "base", "mtl", "replay") is None
     merged = json.loads((tmp_path / "m" / "quality.json").read_text())
     assert merged["complete"] is True and set(merged["methods"]) == {"SEE", "Oracle", "SeqFT", "MTL", "Replay"}
     assert merged["config"]["indicators"]["keep_out_of_answers"] is True
     # an SEE run whose answers were decoded differently is not comparable with another SEE run
     runs["see2"] = {**runs["see"], "config": old_cfg}
     (tmp_path / "see2.json").write_text(json.dumps(runs["see2"]))
-    p = merge("see", "see2")
-    assert p.returncode != 0 and "'config' differs" in p.stderr + p.stdout
+    assert "'config' differs" in merge("see", "see2")
     runs["odd"] = {**runs["mtl"], "subsample": {"train": 1, "dev": 1, "test": 1}}
     (tmp_path / "odd.json").write_text(json.dumps(runs["odd"]))
-    p = merge("see", "odd")
-    assert p.returncode != 0 and "'subsample' differs" in p.stderr + p.stdout
+    assert "'subsample' differs" in merge("see", "odd")
     # which negatives SEE's experts learn from (how many per earlier task, which pool) never reaches the baselines
     fewer = json.loads(json.dumps(see_cfg))
     fewer["rehearsal"].update(negatives_per_task=4, general_pool_size=8)
     runs["see3"] = {**runs["see"], "config": fewer, "general_pool_tasks": ["another pool"]}
     (tmp_path / "see3.json").write_text(json.dumps(runs["see3"]))
-    p = merge("see3", "base", "mtl", "replay")
-    assert p.returncode == 0, p.stderr
-    p = merge("see", "see3")  # but two SEE runs with different negatives are different methods
-    assert p.returncode != 0 and "differs" in p.stderr + p.stdout
+    assert merge("see3", "base", "mtl", "replay") is None
+    assert "differs" in merge("see", "see3")  # but two SEE runs with different negatives are different methods
 
 
 def test_warm_start_starts_each_expert_from_the_previous_one(bench_dir, tmp_path, tiny_model_path):
@@ -131,10 +139,7 @@ def test_warm_start_starts_each_expert_from_the_previous_one(bench_dir, tmp_path
     see_meta.json), and the first adapter is left as it was."""
     import json
 
-    from conftest import tiny_overrides
-
-    sets = [a for o in tiny_overrides(tiny_model_path, **{"training.steps": 2, "training.warm_start": "true"})
-            for a in ("--set", o)]
+    sets = set_args(tiny_overrides(tiny_model_path, **{"training.steps": 2, "training.warm_start": "true"}))
     out = tmp_path / "warm"
     assert main(["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
                  "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",

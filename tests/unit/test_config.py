@@ -1,4 +1,5 @@
-"""SEEConfig: defaults, YAML loading, ``--set`` overrides and validation errors that name the field."""
+"""SEEConfig: defaults, YAML loading, ``--set`` overrides and validation errors that name the field; the add-expert
+job's config (SEE sections plus ``ray_train``) and the shipped DeepSpeed configs."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from see_ray.config import (
     RoutingConfig,
     SEEConfig,
 )
+from see_ray.config.train import SHIPPED_DEEPSPEED, JobConfig, RayTrainConfig
 
 
 # -- defaults ------------------------------------------------------------------------------------------
 def test_defaults_are_valid_and_match_the_spec():
     cfg = SEEConfig()
     assert cfg.model.name_or_path == DEFAULT_MODEL
-    assert cfg.routing.order == "newest_first"  # SEE.md decision
+    assert cfg.routing.order == "newest_first"  # the SEE method's order
     assert cfg.routing.threshold is None
     assert cfg.routing.default_threshold == 0.5
     assert cfg.indicators.accept == " accept" and cfg.indicators.reject == " reject"
@@ -185,3 +187,32 @@ def test_valid_calibration_bounds(bounds):
 )
 def test_keep_count(kw, n_train, expected):
     assert RehearsalConfig(**kw).keep_count(n_train) == expected
+
+
+# -- the add-expert job's config: SEE sections + ray_train -------------------------------------------------
+def test_job_config_splits_ray_section(tmp_path):
+    y = tmp_path / "job.yaml"
+    y.write_text("training:\n  steps: 7\nray_train:\n  num_workers: 2\n  deepspeed: zero3\n")
+    see, rt = JobConfig.from_yaml(str(y), ["ray_train.cpus_per_worker=0.25", "lora.r=4"]).split()
+    assert see.training.steps == 7 and see.lora.r == 4
+    assert rt.num_workers == 2 and rt.cpus_per_worker == 0.25
+    assert rt.deepspeed_dict(see)["zero_optimization"]["stage"] == 3
+    assert rt.worker_resources() == {"CPU": 0.25} and rt.threads(see) == 1 and rt.torch_backend() == "gloo"
+    gpu = RayTrainConfig(use_gpu=True, cpus_per_worker=2)
+    assert gpu.worker_resources() == {"CPU": 2, "GPU": 1.0} and gpu.torch_backend() == "nccl"
+
+
+def test_job_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="training.stepz"):
+        JobConfig.from_yaml(None, ["training.stepz=3"])
+    with pytest.raises(ConfigError, match="num_workers"):
+        JobConfig.from_yaml(None, ["ray_train.num_workers=0"])
+    with pytest.raises(ConfigError, match="neither a shipped config"):
+        RayTrainConfig(deepspeed="/nope.json").deepspeed_dict(SEEConfig())
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_DEEPSPEED))
+def test_shipped_deepspeed_configs_parse(name):
+    ds = RayTrainConfig(deepspeed=name).deepspeed_dict(SEEConfig())
+    assert ds["zero_optimization"]["stage"] in (2, 3)
+    assert isinstance(ds["optimizer"]["params"]["eps"], float)  # JSON read as JSON (YAML 1.1 says str)

@@ -7,27 +7,11 @@ import logging
 
 import pytest
 
-from conftest import SUPERNI
-from see_ray.core.data import Instance, Task, TaskDataError, load_benchmark, load_task, load_tasks
+from see_ray.core.data import Instance, Task, TaskDataError, load_benchmark, load_query_pool, load_task, load_tasks
 from see_ray.core.prompts import Query
 
-DEF = "Add the two numbers."
-
-
-def superni(path, n, definition=DEF, start=0, extra=None):
-    """Write a SuperNI task file with ``n`` instances (plus the noise fields real files carry)."""
-    doc = {
-        "Contributors": ["x"],
-        "Definition": [definition] if definition is not None else [],
-        "Positive Examples": [],
-        "Instances": [
-            {"id": f"t-{i}", "input": f"{i} + 1", "output": [str(i + 1), f"{i + 1}."]}
-            for i in range(start, start + n)
-        ]
-        + (extra or []),
-    }
-    path.write_text(json.dumps(doc))
-    return path
+from support import SUPERNI, superni_file
+from support import SUPERNI_DEFINITION as DEF
 
 
 def jsonl(path, rows):
@@ -36,12 +20,17 @@ def jsonl(path, rows):
 
 
 # -- accepted layouts -----------------------------------------------------------------------------------
-def test_superni_folder(tmp_path):
-    d = tmp_path / "task001_add"
+def superni_folder(d, n_train: int, n_dev: int, n_test: int):
+    """A SuperNI task folder with all three splits (instances numbered apart per split)."""
     d.mkdir()
-    superni(d / "train.json", 8)
-    superni(d / "dev.json", 3, start=100)
-    superni(d / "test.json", 2, start=200)
+    superni_file(d / "train.json", n_train)
+    superni_file(d / "dev.json", n_dev, start=100)
+    superni_file(d / "test.json", n_test, start=200)
+    return d
+
+
+def test_superni_folder(tmp_path):
+    d = superni_folder(tmp_path / "task001_add", 8, 3, 2)
     t = load_task(d)
     assert t.name == "task001_add"
     assert t.definition == DEF
@@ -91,7 +80,7 @@ def test_single_jsonl_file_with_definition_argument(tmp_path):
 def test_definition_argument_wins_over_file(tmp_path):
     d = tmp_path / "t"
     d.mkdir()
-    superni(d / "train.json", 4)
+    superni_file(d / "train.json", 4)
     assert load_task(d, definition="Override.").definition == "Override."
 
 
@@ -120,14 +109,14 @@ def test_carving_keeps_one_training_instance(tmp_path):
 def test_only_missing_splits_are_carved(tmp_path):
     d = tmp_path / "t"
     d.mkdir()
-    superni(d / "train.json", 20)
-    superni(d / "test.json", 4, start=100)
+    superni_file(d / "train.json", 20)
+    superni_file(d / "test.json", 4, start=100)
     t = load_task(d)
     assert len(t.test) == 4 and len(t.dev) == 2 and len(t.train) == 18
 
 
 def test_superni_instance_with_empty_answer_is_skipped(tmp_path, caplog):
-    p = superni(tmp_path / "t.json", 5, extra=[{"id": "e", "input": "x", "output": [""]}])
+    p = superni_file(tmp_path / "t.json", 5, extra=[{"id": "e", "input": "x", "output": [""]}])
     with caplog.at_level(logging.WARNING, logger="see_ray.core.data"):
         t = load_task(p, dev_fraction=0, test_fraction=0)
     assert len(t.train) + len(t.dev) + len(t.test) == 5
@@ -135,11 +124,7 @@ def test_superni_instance_with_empty_answer_is_skipped(tmp_path, caplog):
 
 
 def test_subsample_takes_the_first_k(tmp_path):
-    d = tmp_path / "t"
-    d.mkdir()
-    superni(d / "train.json", 10)
-    superni(d / "dev.json", 5, start=100)
-    superni(d / "test.json", 5, start=200)
+    d = superni_folder(tmp_path / "t", 10, 5, 5)
     s = load_task(d).subsample(train=3, test=2)
     assert [x.input for x in s.train] == ["0 + 1", "1 + 1", "2 + 1"]
     assert len(s.dev) == 5 and [x.input for x in s.test] == ["200 + 1", "201 + 1"]
@@ -160,7 +145,7 @@ def test_missing_folder(tmp_path):
 def test_folder_without_train_split(tmp_path):
     d = tmp_path / "t"
     d.mkdir()
-    superni(d / "dev.json", 2)
+    superni_file(d / "dev.json", 2)
     msg = err(d)
     assert str(d) in msg and "train.json" in msg
 
@@ -168,7 +153,7 @@ def test_folder_without_train_split(tmp_path):
 def test_both_json_and_jsonl(tmp_path):
     d = tmp_path / "t"
     d.mkdir()
-    superni(d / "train.json", 2)
+    superni_file(d / "train.json", 2)
     jsonl(d / "train.jsonl", [{"input": "a", "output": "b"}])
     assert "keep one" in err(d)
 
@@ -216,7 +201,7 @@ def test_jsonl_non_object_line(tmp_path):
 
 
 def test_instance_without_output(tmp_path):
-    p = superni(tmp_path / "t.json", 3, extra=[{"id": "x", "input": "q"}])
+    p = superni_file(tmp_path / "t.json", 3, extra=[{"id": "x", "input": "q"}])
     msg = err(p)
     assert str(p) in msg and "Instances[3]" in msg and "missing field 'output'" in msg
     q = jsonl(tmp_path / "t.jsonl", [{"input": "q"}])
@@ -242,7 +227,7 @@ def test_empty_task(tmp_path):
     p.write_text("\n\n")
     msg = err(p, definition="D")
     assert str(p) in msg and "empty" in msg
-    s = superni(tmp_path / "s.json", 0)
+    s = superni_file(tmp_path / "s.json", 0)
     assert "empty" in err(s)
 
 
@@ -255,7 +240,7 @@ def test_missing_definition(tmp_path):
     jsonl(d / "train.jsonl", [{"input": "a", "output": "b"}])
     (d / "definition.txt").write_text("   \n")
     assert "definition" in err(d)
-    s = superni(tmp_path / "s.json", 2, definition="   ")
+    s = superni_file(tmp_path / "s.json", 2, definition="   ")
     assert "'Definition'" in err(s)
 
 
@@ -263,8 +248,8 @@ def test_duplicate_task_names(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    pa = superni(a / "same.json", 3)
-    pb = superni(b / "same.json", 3)
+    pa = superni_file(a / "same.json", 3)
+    pb = superni_file(b / "same.json", 3)
     with pytest.raises(TaskDataError) as ei:
         load_tasks([pa, pb])
     msg = str(ei.value)
@@ -274,7 +259,7 @@ def test_duplicate_task_names(tmp_path):
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "x;rm -rf", "$(id)", "a b", "-lead", "é", "x" * 65])
 def test_invalid_task_name(tmp_path, bad):
-    p = superni(tmp_path / "t.json", 3)
+    p = superni_file(tmp_path / "t.json", 3)
     msg = err(p, name=bad)
     assert str(p) in msg and "task name" in msg and "invalid" in msg
 
@@ -282,7 +267,7 @@ def test_invalid_task_name(tmp_path, bad):
 def test_invalid_name_from_folder(tmp_path):
     d = tmp_path / "bad;name"
     d.mkdir()
-    superni(d / "train.json", 3)
+    superni_file(d / "train.json", 3)
     msg = err(d)
     assert "bad;name" in msg and "invalid" in msg
 
@@ -291,12 +276,12 @@ def test_load_benchmark_errors(tmp_path):
     with pytest.raises(TaskDataError, match="benchmark folder not found"):
         load_benchmark(tmp_path / "nope")
     (tmp_path / "b" / "t1").mkdir(parents=True)
-    superni(tmp_path / "b" / "t1" / "train.json", 3)
+    superni_file(tmp_path / "b" / "t1" / "train.json", 3)
     with pytest.raises(TaskDataError, match="unknown task"):
         load_benchmark(tmp_path / "b", names=["t2"])
     # without order.txt: sorted folder names
     (tmp_path / "b" / "t0").mkdir()
-    superni(tmp_path / "b" / "t0" / "train.json", 3)
+    superni_file(tmp_path / "b" / "t0" / "train.json", 3)
     assert [t.name for t in load_benchmark(tmp_path / "b")] == ["t0", "t1"]
     (tmp_path / "b" / "order.txt").write_text("t1\n\nt0\n")
     assert [t.name for t in load_benchmark(tmp_path / "b")] == ["t1", "t0"]
@@ -335,3 +320,26 @@ def test_load_superni_benchmark():
     assert set(x.outputs[0] for x in sst2.test) <= {"POS", "NEG"}
     sub = load_benchmark(SUPERNI, names=["task875_emotion_classification"])
     assert [t.name for t in sub] == ["task875_emotion_classification"]
+
+
+# -- general query pools (add_expert --general-pool) -------------------------------------------------------
+def test_query_pool_reads_objects_and_bare_strings(tmp_path):
+    f = tmp_path / "pool.jsonl"
+    f.write_text('{"input": "What is 2+2?", "definition": "Answer."}\n\n"Tell me a joke."\n')
+    assert load_query_pool(f) == [Query("What is 2+2?", "Answer."), Query("Tell me a joke.", None)]
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"input": "ok"}\nnot json\n', r"pool.jsonl:2: not valid JSON"),
+    ('{"inputs": "typo"}\n', r"pool.jsonl:1: expected \{'input'"),
+    ('{"input": "ok", "definition": 3}\n', r"pool.jsonl:1: 'definition' must be a string"),
+    ("\n\n", r"pool.jsonl: the general pool is empty"),
+])
+def test_query_pool_errors_name_file_line_and_field(tmp_path, text, error):
+    f = tmp_path / "pool.jsonl"
+    f.write_text(text)
+    with pytest.raises(TaskDataError, match=error):
+        load_query_pool(f)
+    with pytest.raises(TaskDataError, match="no such file"):
+        load_query_pool(tmp_path / "missing.jsonl")
+

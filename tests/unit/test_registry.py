@@ -23,47 +23,18 @@ from safetensors.torch import save_file
 
 from see_ray.registry import (
     REGISTRY_FILE,
-    BaseModelIdentity,
     ConcurrentModification,
     ExpertExists,
     FileLock,
-    Indicators,
-    NewExpert,
     Registry,
     RegistryError,
     RegistryLockTimeout,
     format_sequence,
 )
-from see_ray.tools.registry_cli import main as registry_cli
 from see_ray.registry.storage import Storage, StorageError
+from see_ray.tools.registry_cli import main as registry_cli
 
-
-def fake_adapter(folder: Path, seed: int = 0) -> Path:
-    """A minimal PEFT-format folder (check_adapter_folder accepts it); content differs per seed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    save_file({"w": torch.full((4,), float(seed))}, str(folder / "adapter_model.safetensors"))
-    (folder / "see_meta.json").write_text("{}")
-    return folder
-
-
-def new_expert(tmp: Path, name: str, task: str | None = None, seed: int = 0, **kw) -> NewExpert:
-    task = task or name
-    return NewExpert(
-        name=name,
-        task=task,
-        adapter_dir=str(fake_adapter(tmp / f"src-{name}-{seed}", seed)),
-        rehearsal_samples=[{"input": f"{task} q{i}", "definition": f"do {task}", "output": "x"} for i in range(3)],
-        base_model=BaseModelIdentity(name_or_path="tiny", fingerprint="abc"),
-        indicators=Indicators(accept=" accept", reject=" reject", accept_id=1, reject_id=2),
-        threshold=0.6,
-        definition=f"do {task}",
-        trained_against=kw.pop("trained_against", []),
-        training={"config": {"training": {"steps": 3}}, "figures": {"final_loss": 0.1}},
-        validation={"accept_rate": 1.0, "reject_rate": 0.9},
-        job={"submission_id": "test"},
-        **kw,
-    )
+from support import REPO, fake_adapter, new_expert
 
 
 @pytest.fixture
@@ -376,7 +347,7 @@ else:
     raise SystemExit("a write without Ray was not refused")
 """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the checkout under test
+    env["PYTHONPATH"] = str(REPO)  # the checkout under test
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "refused:" in r.stdout, r.stdout + r.stderr

@@ -1,4 +1,5 @@
-"""Sequential routing: order, thresholds, calibration, and the learning test with two really trained experts."""
+"""Sequential routing in one process (``core.router.Router``): order, thresholds, calibration, and the learning
+test with two really trained experts. The walk's logic alone, without a model: test_walk.py."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from see_ray.tools.builtin import general_pool, unrelated_queries
 from see_ray.core.expert import SEEModel
 from see_ray.core.metrics import ood_rejection_rate, routing_accuracy
 from see_ray.core.prompts import Query
-from see_ray.core.router import BASE, ExpertSpec, RouteResult, Router, calibrate_threshold, ordered
+from see_ray.config.constants import BASE
+from see_ray.core.router import Router
+from see_ray.core.routing import ExpertSpec, RouteResult, calibrate_threshold, calibration_queries, ordered
 
-from conftest import tiny_overrides, torch_threads
+from support import tiny_overrides, torch_threads
 
 E1 = ExpertSpec("expert1", "arithmetic", "/nowhere/1")
 E2 = ExpertSpec("expert2", "shout", "/nowhere/2", threshold=0.8)
@@ -64,6 +67,47 @@ def test_router_without_experts_sends_everything_to_base(bare_model, pool):
     assert all(x.hops == 0 and x.trace == [] and isinstance(x.answer, str) for x in res)
     assert [x.answer for x in res] == bare_model.generate(list(pool[:3]), None, 4)
     assert all(x.answer is None for x in r.route(list(pool[:3]), generate=False))
+
+
+class _TableModel:
+    """What Router needs of SEEModel, from a table: p(ACCEPT) per (adapter, input); records every call."""
+
+    def __init__(self, p: dict[tuple[str, str], float]):
+        self.p, self.adapters, self.calls = p, {"e1": None, "e2": None}, []
+
+    def decide_and_generate(self, queries, adapter, threshold, max_new_tokens):
+        self.calls.append((adapter, [q.input for q in queries], threshold))
+        ps = [self.p.get((adapter, q.input), 0.0) for q in queries]
+        answers = [f"{adapter}:{q.input}" if threshold is not None and p >= threshold else None
+                   for q, p in zip(queries, ps)]
+        return ps, answers
+
+    def generate(self, queries, adapter, max_new_tokens):
+        self.calls.append((adapter, [q.input for q in queries], None))
+        return [f"base:{q.input}" for q in queries]
+
+
+def test_route_runs_the_walk_batched_and_the_base_answers_the_rest():
+    """Each expert decides the still-unanswered queries in one call; the base generates the rest in one call;
+    route works inside a running event loop too (it does not start one)."""
+    import asyncio
+
+    m = _TableModel({("e2", "b"): 0.9, ("e1", "a"): 0.7, ("e1", "c"): 0.3})
+    router = Router(m, [ExpertSpec("e1", "t1", "/1", threshold=0.6), ExpertSpec("e2", "t2", "/2")],
+                    RoutingConfig(max_new_tokens=4))
+
+    async def inside_a_loop():
+        return router.route([Query("a"), Query("b"), Query("c")])
+
+    res = asyncio.run(inside_a_loop())
+    assert m.calls == [("e2", ["a", "b", "c"], 0.5), ("e1", ["a", "c"], 0.6), (None, ["c"], None)]
+    assert [(r.expert, r.answer, r.hops) for r in res] == [("e1", "e1:a", 2), ("e2", "e2:b", 1), (BASE, "base:c", 2)]
+    assert [(a.expert, a.p_accept, a.threshold, a.accepted) for a in res[2].trace] == [
+        ("e2", 0.0, 0.5, False), ("e1", 0.3, 0.6, False)]
+    m.calls.clear()
+    res = router.route([Query("a"), Query("c")], generate=False)
+    assert m.calls == [("e2", ["a", "c"], None), ("e1", ["a", "c"], None)]  # decisions only, no base call
+    assert [(r.expert, r.answer) for r in res] == [("e1", None), (BASE, None)]
 
 
 def test_router_refuses_a_broken_adapter_folder(bare_model, tmp_path):
@@ -234,7 +278,7 @@ def test_calibrated_thresholds_keep_routing(see_model, specs, cfg, two_tasks):
     """Calibrate each expert on its own dev queries, then route with those thresholds."""
     calibrated = []
     for spec, task in zip(specs, two_tasks):
-        p_dev = see_model.decide([task.query(x) for x in task.dev], spec.name)
+        p_dev = see_model.decide(calibration_queries(task, cfg.rehearsal.input_only_share), spec.name)
         thr = calibrate_threshold(p_dev, cfg.routing)
         lo, hi = cfg.routing.calibration_bounds
         assert lo <= thr <= hi

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from ray import serve
 
-from see_ray.serve import _ModelReplica
+from see_ray.serve.replica import ModelReplica
 from see_ray.config.serve import ServeConfig
 
 
@@ -37,7 +37,7 @@ def _replica_context(monkeypatch):
     monkeypatch.setattr(serve, "get_replica_context", lambda: ctx)
 
 
-class _FakeReplica(_ModelReplica):
+class _FakeReplica(ModelReplica):
     """The replica's batching machinery around a model that records batch sizes and takes ``compute_s``."""
 
     def __init__(self, compute_s: float, wait_s: float, adaptive: bool = True):

@@ -44,7 +44,7 @@ def test_url_includes_the_route_prefix():
 
 def test_adaptive_batch_wait_waits_only_under_load():
     """A lone request runs at once; after a batch of several, the next batch waits batch.wait_s to fill."""
-    from see_ray.serve import _ModelReplica
+    from see_ray.serve.replica import ModelReplica
 
     class Method:  # stands in for a @serve.batch method's setter
         wait = None
@@ -52,7 +52,7 @@ def test_adaptive_batch_wait_waits_only_under_load():
         def set_batch_wait_timeout_s(self, s):
             self.wait = s
 
-    replica, m = _ModelReplica(), Method()
+    replica, m = ModelReplica(), Method()
     replica.scfg = ServeConfig.from_yaml(None, ["batch.wait_s=0.05"])
     replica._adapt_wait(m, 3)
     assert m.wait == 0.05

@@ -1,7 +1,7 @@
 """A base model built around shared, read-only weights (shared_weights.build_around) is the same model as a
 private copy: identical decisions, KV-cache generation and fallback answers with a trained adapter; tied
 embeddings, buffers and dtypes survive the trip through numpy. No Ray here: the arrays are made read-only
-like the plasma-backed ones a replica gets (the Ray path is tested in test_serve.py)."""
+like the plasma-backed ones a replica gets (the Ray path is tested in cluster/test_serve.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,15 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides, torch_threads
 
 from see_ray.config import SEEConfig
 from see_ray.core.expert import SEEModel
 from see_ray.core.model import load_base_model
 from see_ray.serve.shared_weights import build_around, mapping_of, pss_mib, to_arrays
 
+from support import tiny_overrides
+
 MAX_NEW = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with torch_threads(1):
-        yield
 
 
 def read_only_arrays(cfg, path: str) -> dict:
@@ -36,16 +31,11 @@ def read_only_arrays(cfg, path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_model_path):
-    return SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path))
-
-
-@pytest.fixture(scope="module")
-def pair(cfg, tiny_model_path, see_expert1):
+def pair(tiny_cfg, tiny_model_path, see_expert1):
     """(private model, shared model, the shared arrays), both with the trained adapter e1."""
-    shared = read_only_arrays(cfg, tiny_model_path)
-    private = SEEModel(cfg, tiny_model_path)
-    built = SEEModel(cfg, tiny_model_path, base=build_around(shared, cfg.model, tiny_model_path))
+    shared = read_only_arrays(tiny_cfg, tiny_model_path)
+    private = SEEModel(tiny_cfg, tiny_model_path)
+    built = SEEModel(tiny_cfg, tiny_model_path, base=build_around(shared, tiny_cfg.model, tiny_model_path))
     for m in (private, built):
         m.load_adapter("e1", see_expert1["path"])
     return private, built, shared

@@ -1,24 +1,21 @@
 """`see-ray status` without a cluster: the registry's sequence and a plain "serving is not running" message,
-quickly (the running-cluster cases are in test_cluster_configs.py's Serve-config test)."""
+quickly (the running-cluster cases are in cluster/test_serve_config_deploy.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from conftest import _free_ports
-from test_registry import new_expert  # a minimal PEFT-format adapter folder, as the registry tests use
-
-REPO = Path(__file__).resolve().parents[2]
+from support import REPO, free_ports, new_expert
 
 
 def run_status(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "see_ray.tools.cli", "status", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**__import__("os").environ, "RAY_ADDRESS": ""})
+                          text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
 
 
 def test_status_without_a_cluster_lists_the_registry_and_says_serving_is_not_running(tmp_path):
@@ -29,7 +26,7 @@ def test_status_without_a_cluster_lists_the_registry_and_says_serving_is_not_run
     reg.add(new_expert(tmp_path, "first", task="t1"))
     reg.add(new_expert(tmp_path, "second", task="t2"))
     reg.disable("first")
-    (port,) = _free_ports(1)  # nothing listens there
+    (port,) = free_ports(1)  # nothing listens there
     t0 = time.monotonic()
     out = run_status("--storage", storage, "--address", f"127.0.0.1:{port}")
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,7 @@ import pytest
 from see_ray.registry import REGISTRY_FILE, Registry
 from see_ray.registry.storage import Storage, StorageError
 
-from test_registry import new_expert  # a minimal PEFT-format adapter folder, as the registry tests use
+from support import new_expert
 
 
 def _adapter(tmp_path: Path) -> Path:

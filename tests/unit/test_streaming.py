@@ -12,7 +12,7 @@ from see_ray.config import SEEConfig
 from see_ray.core.expert import SEEModel, StreamText
 from see_ray.core.prompts import Query
 
-from conftest import tiny_overrides, torch_threads
+from support import tiny_overrides, torch_threads
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 
-from see_ray.config import IndicatorConfig, SEEConfig
-from see_ray.core.model import load_base_model, load_tokenizer
-from see_ray.core.prompts import PromptEncoder, Query
+from see_ray.config import SEEConfig
+from see_ray.core.model import load_base_model
+from see_ray.core.prompts import Query
 from see_ray.core.rehearsal import Example, RehearsalBuffer, reconstruct
 from see_ray.core.trainer import (
     IGNORE,
@@ -24,7 +24,7 @@ from see_ray.core.trainer import (
     write_adapter_atomically,
 )
 
-from conftest import tiny_overrides, torch_threads
+from support import tiny_overrides
 
 DEF = "Add the two numbers and answer with the sum only."
 EXAMPLES = [
@@ -35,25 +35,13 @@ EXAMPLES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: on 2 shared cores it is several times faster than two (see conftest.torch_threads)."""
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def enc(tiny_model_path):
-    return PromptEncoder(load_tokenizer(tiny_model_path), IndicatorConfig(), max_prompt_tokens=64)
-
-
 # -- tokenize -----------------------------------------------------------------------------------------
-def test_tokenize_masks_prompt_and_weights_indicator(enc):
-    rows = tokenize(EXAMPLES, enc, max_target_tokens=8, indicator_weight=30.0)
+def test_tokenize_masks_prompt_and_weights_indicator(encoder):
+    rows = tokenize(EXAMPLES, encoder, max_target_tokens=8, indicator_weight=30.0)
     assert len(rows) == len(EXAMPLES)
     for ex, row in zip(EXAMPLES, rows):
-        prompt = enc.encode_query(ex.query)
-        target = enc.encode_target(ex.indicator, ex.answer, 8)
+        prompt = encoder.encode_query(ex.query)
+        target = encoder.encode_target(ex.indicator, ex.answer, 8)
         n = len(prompt)
         assert row["input_ids"] == prompt + target
         assert len(row["labels"]) == len(row["weights"]) == len(row["input_ids"])
@@ -66,20 +54,20 @@ def test_tokenize_masks_prompt_and_weights_indicator(enc):
             assert row["weights"][n] == 30.0  # the indicator position
             assert row["weights"][n + 1 :] == [1.0] * (len(target) - 1)
     accept, reject = rows[0], rows[1]
-    assert accept["labels"][len(enc.encode_query(EXAMPLES[0].query))] == enc.accept_id
-    assert reject["labels"][-1] == enc.reject_id and sum(w > 0 for w in reject["weights"]) == 1
+    assert accept["labels"][len(encoder.encode_query(EXAMPLES[0].query))] == encoder.accept_id
+    assert reject["labels"][-1] == encoder.reject_id and sum(w > 0 for w in reject["weights"]) == 1
 
 
-def test_tokenize_default_weight_is_plain_sft(enc):
-    rows = tokenize(EXAMPLES, enc, max_target_tokens=8)
+def test_tokenize_default_weight_is_plain_sft(encoder):
+    rows = tokenize(EXAMPLES, encoder, max_target_tokens=8)
     for row in rows:
         assert row["weights"] == [0.0 if lab == IGNORE else 1.0 for lab in row["labels"]]
 
 
 # -- collate ------------------------------------------------------------------------------------------
-def test_collate_right_pads(enc):
-    rows = tokenize(EXAMPLES, enc, max_target_tokens=8, indicator_weight=5.0)
-    b = collate(rows, pad_id=enc.pad_id)
+def test_collate_right_pads(encoder):
+    rows = tokenize(EXAMPLES, encoder, max_target_tokens=8, indicator_weight=5.0)
+    b = collate(rows, pad_id=encoder.pad_id)
     n = max(len(r["input_ids"]) for r in rows)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == b["weights"].shape
     assert b["input_ids"].shape == (len(rows), n)
@@ -90,7 +78,7 @@ def test_collate_right_pads(enc):
         assert b["labels"][i, :k].tolist() == r["labels"]
         assert b["weights"][i, :k].tolist() == r["weights"]
         assert b["attention_mask"][i, :k].tolist() == [1] * k
-        assert (b["input_ids"][i, k:] == enc.pad_id).all()  # padding on the right
+        assert (b["input_ids"][i, k:] == encoder.pad_id).all()  # padding on the right
         assert (b["labels"][i, k:] == IGNORE).all()
         assert (b["attention_mask"][i, k:] == 0).all() and (b["weights"][i, k:] == 0).all()
     assert b["attention_mask"].sum().item() == sum(len(r["input_ids"]) for r in rows)
@@ -104,9 +92,9 @@ def tiny_model(tiny_model_path):
     return model
 
 
-def test_weighted_loss_equals_hf_loss_with_unit_weights(enc, tiny_model):
-    rows = tokenize(EXAMPLES, enc, max_target_tokens=8, indicator_weight=1.0)
-    b = collate(rows, enc.pad_id)
+def test_weighted_loss_equals_hf_loss_with_unit_weights(encoder, tiny_model):
+    rows = tokenize(EXAMPLES, encoder, max_target_tokens=8, indicator_weight=1.0)
+    b = collate(rows, encoder.pad_id)
     with torch.no_grad():
         out = tiny_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
         ours = weighted_loss(out.logits, b["labels"], b["weights"])
@@ -114,10 +102,10 @@ def test_weighted_loss_equals_hf_loss_with_unit_weights(enc, tiny_model):
     assert ours.item() == pytest.approx(out.loss.item(), rel=1e-5)
 
 
-def test_loss_on_kept_logits_equals_full_loss(enc, tiny_model):
+def test_loss_on_kept_logits_equals_full_loss(encoder, tiny_model):
     """The training loop asks the model for logits at the target positions only; the loss must not change."""
-    rows = tokenize(EXAMPLES, enc, max_target_tokens=8, indicator_weight=3.0)
-    b = collate(rows, enc.pad_id)
+    rows = tokenize(EXAMPLES, encoder, max_target_tokens=8, indicator_weight=3.0)
+    b = collate(rows, encoder.pad_id)
     pos = loss_positions(b["labels"])
     assert 0 < len(pos) < b["input_ids"].shape[1] - 1  # fewer logits than positions, yet every target covered
     with torch.no_grad():
@@ -129,9 +117,9 @@ def test_loss_on_kept_logits_equals_full_loss(enc, tiny_model):
     )
 
 
-def test_weighted_loss_weights_tokens(enc, tiny_model):
-    rows = tokenize(EXAMPLES[:1], enc, max_target_tokens=8, indicator_weight=7.0)
-    b = collate(rows, enc.pad_id)
+def test_weighted_loss_weights_tokens(encoder, tiny_model):
+    rows = tokenize(EXAMPLES[:1], encoder, max_target_tokens=8, indicator_weight=7.0)
+    b = collate(rows, encoder.pad_id)
     with torch.no_grad():
         logits = tiny_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     loss = weighted_loss(logits, b["labels"], b["weights"])
@@ -143,7 +131,7 @@ def test_weighted_loss_weights_tokens(enc, tiny_model):
         if labels[t] != IGNORE:
             num += -lp[t - 1, labels[t]].item() * w[t].item()
             den += w[t].item()
-    assert den == 7.0 + (len(rows[0]["input_ids"]) - len(enc.encode_query(EXAMPLES[0].query)) - 1)
+    assert den == 7.0 + (len(rows[0]["input_ids"]) - len(encoder.encode_query(EXAMPLES[0].query)) - 1)
     assert loss.item() == pytest.approx(num / den, rel=1e-5)
 
 
@@ -183,7 +171,7 @@ def _examples(two_tasks, pool, cfg):
     return reconstruct(two_tasks[0], RehearsalBuffer.empty(), pool, cfg.rehearsal)
 
 
-def _check_adapter(out, tiny_model_path, enc, meta_name):
+def _check_adapter(out, tiny_model_path, encoder, meta_name):
     from peft import PeftModel
 
     assert (out / "adapter_model.safetensors").is_file()
@@ -192,7 +180,7 @@ def _check_adapter(out, tiny_model_path, enc, meta_name):
     meta = json.loads((out / META_FILE).read_text())
     assert meta["name"] == meta_name and meta["training"]["steps"] > 0
     base, _ = load_base_model(SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path)).model, tiny_model_path)
-    ids = torch.tensor([enc.encode_query(Query("17 + 25", DEF))])
+    ids = torch.tensor([encoder.encode_query(Query("17 + 25", DEF))])
     with torch.no_grad():
         before = base(input_ids=ids).logits[0, -1]
         peft_model = PeftModel.from_pretrained(base, str(out))
@@ -201,7 +189,7 @@ def _check_adapter(out, tiny_model_path, enc, meta_name):
     return meta
 
 
-def test_train_adapter_writes_a_loadable_adapter_and_learns(tmp_path, tiny_model_path, two_tasks, pool, enc):
+def test_train_adapter_writes_a_loadable_adapter_and_learns(tmp_path, tiny_model_path, two_tasks, pool, encoder):
     cfg = SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path, **{"training.steps": 12, "training.log_every": 4}))
     out = tmp_path / "expert-1"
     res = train_adapter(_examples(two_tasks, pool, cfg), cfg, tiny_model_path, out, meta={"name": "expert-1"})
@@ -211,7 +199,7 @@ def test_train_adapter_writes_a_loadable_adapter_and_learns(tmp_path, tiny_model
     assert res["examples"] == len(two_tasks[0].train) + len(pool)
     assert res["tokens"] > 0 and res["tokens_per_s"] > 0
     assert res["final_loss"] < res["first_loss"], res  # it learns
-    meta = _check_adapter(out, tiny_model_path, enc, "expert-1")
+    meta = _check_adapter(out, tiny_model_path, encoder, "expert-1")
     assert meta["training"]["final_loss"] == pytest.approx(res["final_loss"])
     assert [p.name for p in tmp_path.iterdir()] == ["expert-1"]  # no temporary folder left behind
 
@@ -234,7 +222,7 @@ def single_process_env(monkeypatch):
 
 
 def test_train_adapter_with_deepspeed_zero2_in_process(
-    tmp_path, tiny_model_path, two_tasks, pool, enc, single_process_env, monkeypatch
+    tmp_path, tiny_model_path, two_tasks, pool, encoder, single_process_env, monkeypatch
 ):
     # DeepSpeed would JIT-compile its CPU shared-memory op here (46 s on 2 cores) although training never uses it
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch-extensions"))
@@ -251,7 +239,7 @@ def test_train_adapter_with_deepspeed_zero2_in_process(
     assert res["device"] == "cpu" and res["backend"] == "gloo" and res["bf16"] is False
     assert res["optimizer"].startswith("DeepSpeedZeroOptimizer"), res["optimizer"]  # ZeRO-2 wrapping torch's Adam
     assert res["final_loss"] < res["first_loss"], res
-    _check_adapter(out, tiny_model_path, enc, "expert-ds")
+    _check_adapter(out, tiny_model_path, encoder, "expert-ds")
     import deepspeed.ops
 
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
