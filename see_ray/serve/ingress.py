@@ -1,5 +1,8 @@
 """The SEE application's ingress: ``Dispatcher``, the Serve deployment behind the OpenAI-compatible HTTP API.
 
+(About 500 lines: one Serve deployment class with its endpoints and its stream, kept together so that the
+request path reads in one place; the schema, the walk and the replicas are in their own modules.)
+
 It holds no model. Per replica it follows the registry (active experts whose Serve application has a running
 replica form the sequence, re-read every ``dispatch.registry_poll_s`` and on ``refresh``), admits requests
 (API key, per-client concurrency, body size: ``schema.py`` holds the HTTP schema and its errors), answers

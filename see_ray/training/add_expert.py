@@ -1,5 +1,8 @@
 """Add one expert to the SEE sequence: validate, reconstruct, train on Ray, validate, register, deploy.
 
+(About 500 lines: the job's seven steps read top to bottom in one module, each step a function; training itself
+is ``ray_train.py``, registration ``registry/``.)
+
 On a running cluster::
 
     ray job submit --working-dir . -- python jobs/add_expert.py --task data/shout --name shout \\
