@@ -27,7 +27,7 @@ import torch
 from see_ray.config import SEEConfig
 from see_ray.core.data import load_benchmark
 from see_ray.core.expert import SEEModel
-from see_ray.core.router import ordered
+from see_ray.core.routing import ordered
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999)  # global thresholds tried in part 3

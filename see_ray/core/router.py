@@ -14,10 +14,7 @@ from see_ray.config import RoutingConfig
 from see_ray.config.constants import BASE
 from see_ray.core.expert import SEEModel
 from see_ray.core.prompts import Query
-from see_ray.core.routing import Ask, ExpertSpec, RouteResult, calibrate_threshold, ordered, threshold_of, walk
-
-# The routing names were defined here before core.routing existed; tests and tools import them from here too.
-__all__ = ["BASE", "Ask", "ExpertSpec", "RouteResult", "Router", "calibrate_threshold", "ordered"]
+from see_ray.core.routing import ExpertSpec, RouteResult, ordered, threshold_of, walk
 
 
 class Router:

@@ -150,20 +150,20 @@ class Dispatcher:
                         self.cfg.routing.order)
         apps = serve.status().applications
         seq, pending = [], []
+        in_sequence = {e.name for e in self.walker.seq}
         for s in specs:
             rec, app = recs[s.name], self.scfg.expert_app(s.name)
             st = apps.get(app)
-            running = False
-            if st is not None and str(getattr(st.status, "value", st.status)) in ("RUNNING", "DEPLOYING", "UNHEALTHY"):
-                dep = st.deployments.get(s.name)
-                running = dep is not None and any(
-                    str(getattr(k, "value", k)) == "RUNNING" and n > 0 for k, n in dep.replica_states.items()
-                )
+            alive = st is not None and str(getattr(st.status, "value", st.status)) in ("RUNNING", "DEPLOYING",
+                                                                                          "UNHEALTHY")
+            dep = st.deployments.get(s.name) if alive else None
+            running = dep is not None and any(
+                str(getattr(k, "value", k)) == "RUNNING" and n > 0 for k, n in dep.replica_states.items()
+            )
             # An expert already in the sequence stays while its application lives, even with no running replica
             # for a moment (a replica died and Serve is restarting it): its asks wait in the handle, instead
             # of the walk skipping it and routing its queries elsewhere.
-            serving = s.name in {e.name for e in self.walker.seq} and st is not None and str(
-                getattr(st.status, "value", st.status)) in ("RUNNING", "DEPLOYING", "UNHEALTHY")
+            serving = alive and s.name in in_sequence
             if running or serving:
                 h = self._handle(app, s.name)
                 seq.append(Entry(s.name, s.task, rec.version, rec.position, threshold_of(s.threshold, self.cfg.routing),

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from see_ray.config import RoutingConfig, SEEConfig
+from see_ray.config import RoutingConfig
 from see_ray.tools.builtin import general_pool, unrelated_queries
 from see_ray.core.expert import SEEModel
 from see_ray.core.metrics import ood_rejection_rate, routing_accuracy
@@ -16,18 +16,10 @@ from see_ray.config.constants import BASE
 from see_ray.core.router import Router
 from see_ray.core.routing import ExpertSpec, RouteResult, calibrate_threshold, calibration_queries, ordered
 
-from support import tiny_overrides, torch_threads
 
 E1 = ExpertSpec("expert1", "arithmetic", "/nowhere/1")
 E2 = ExpertSpec("expert2", "shout", "/nowhere/2", threshold=0.8)
 E3 = ExpertSpec("expert3", "antonyms", "/nowhere/3")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: on 2 shared cores it is several times faster than two (see conftest.torch_threads)."""
-    with torch_threads(1):
-        yield
 
 
 # -- order --------------------------------------------------------------------------------------------
@@ -40,15 +32,12 @@ def test_ordered_newest_first_and_oldest_first():
 
 
 # -- thresholds ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cfg(tiny_model_path) -> SEEConfig:
-    return SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path))
 
 
 @pytest.fixture(scope="module")
-def bare_model(cfg, tiny_model_path):
+def bare_model(tiny_cfg, tiny_model_path):
     """The base model with no adapter: enough for routers that hold no experts."""
-    return SEEModel(cfg, tiny_model_path)
+    return SEEModel(tiny_cfg, tiny_model_path)
 
 
 def test_threshold_precedence(bare_model):
@@ -150,9 +139,9 @@ def specs(see_experts):
 
 
 @pytest.fixture(scope="module")
-def see_model(cfg, tiny_model_path, specs):
-    m = SEEModel(cfg, tiny_model_path)
-    Router(m, specs, cfg.routing)  # loads both adapters once
+def see_model(tiny_cfg, tiny_model_path, specs):
+    m = SEEModel(tiny_cfg, tiny_model_path)
+    Router(m, specs, tiny_cfg.routing)  # loads both adapters once
     return m
 
 
@@ -165,21 +154,21 @@ def ood_queries(pool):
 
 
 @pytest.fixture(scope="module")
-def routed(see_model, specs, cfg, two_tasks, ood_queries):
+def routed(see_model, specs, tiny_cfg, two_tasks, ood_queries):
     arith, shout = two_tasks
     qa = [arith.query(x) for x in arith.test]
     qs = [shout.query(x) for x in shout.test]
-    results = Router(see_model, specs, cfg.routing).route(qa + qs + ood_queries)
+    results = Router(see_model, specs, tiny_cfg.routing).route(qa + qs + ood_queries)
     return {"arithmetic": results[: len(qa)], "shout": results[len(qa) : len(qa) + len(qs)],
             "ood": results[len(qa) + len(qs) :]}
 
 
-def test_expert_training_sets(see_experts, two_tasks, pool, cfg):
+def test_expert_training_sets(see_experts, two_tasks, pool, tiny_cfg):
     e1, e2 = see_experts["experts"]
     from collections import Counter
 
     assert Counter(x.source for x in e1["examples"]) == {"arithmetic": len(two_tasks[0].train), "general": len(pool)}
-    kept = cfg.rehearsal.keep_count(len(two_tasks[0].train))
+    kept = tiny_cfg.rehearsal.keep_count(len(two_tasks[0].train))
     assert see_experts["buffer"].tasks() == ["arithmetic"]
     assert Counter(x.source for x in e2["examples"]) == {"shout": len(two_tasks[1].train), "arithmetic": kept,
                                                          "general": len(pool)}
@@ -225,19 +214,19 @@ def test_traces_list_the_walk_newest_first(routed):
     assert d["expert"] == "expert1" and d["hops"] == 2 and [t["expert"] for t in d["trace"]] == ["expert2", "expert1"]
 
 
-def test_accepted_answers_come_from_the_accepting_expert(routed, see_model, two_tasks, cfg):
+def test_accepted_answers_come_from_the_accepting_expert(routed, see_model, two_tasks, tiny_cfg):
     arith = two_tasks[0]
     rs = routed["arithmetic"][:3]
     qs = [arith.query(x) for x in arith.test[:3]]
     for q, r in zip(qs, rs):
         if r.expert != BASE:
-            assert r.answer == see_model.generate([q], r.expert, cfg.routing.max_new_tokens, after_accept=True)[0]
+            assert r.answer == see_model.generate([q], r.expert, tiny_cfg.routing.max_new_tokens, after_accept=True)[0]
 
 
-def test_batched_walk_equals_per_query_walk(see_model, specs, cfg, two_tasks, ood_queries):
+def test_batched_walk_equals_per_query_walk(see_model, specs, tiny_cfg, two_tasks, ood_queries):
     arith, shout = two_tasks
     qs = [arith.query(arith.test[0]), shout.query(shout.test[0]), ood_queries[0], Query(arith.test[1].input)]
-    router = Router(see_model, specs, cfg.routing)
+    router = Router(see_model, specs, tiny_cfg.routing)
     batch = router.route(qs, generate=False)
     for q, b in zip(qs, batch):
         (one,) = router.route([q], generate=False)
@@ -247,10 +236,10 @@ def test_batched_walk_equals_per_query_walk(see_model, specs, cfg, two_tasks, oo
             assert x.p_accept == pytest.approx(y.p_accept, abs=1e-4)
 
 
-def test_oldest_first_starts_with_expert1(see_model, specs, cfg, routed, two_tasks, ood_queries):
+def test_oldest_first_starts_with_expert1(see_model, specs, tiny_cfg, routed, two_tasks, ood_queries):
     arith, shout = two_tasks
     qs = [arith.query(x) for x in arith.test[:4]] + [shout.query(x) for x in shout.test[:4]] + ood_queries[:4]
-    router = Router(see_model, specs, cfg.routing.model_copy(update={"order": "oldest_first"}))
+    router = Router(see_model, specs, tiny_cfg.routing.model_copy(update={"order": "oldest_first"}))
     assert [e.name for e in router.sequence()] == ["expert1", "expert2"]
     res = router.route(qs, generate=False)
     for r in res:
@@ -262,28 +251,28 @@ def test_oldest_first_starts_with_expert1(see_model, specs, cfg, routed, two_tas
         assert r.trace[0].p_accept == pytest.approx(n.trace[-1].p_accept, abs=1e-4)
 
 
-def test_global_threshold_overrides_calibrated_ones(see_model, specs, cfg, two_tasks):
+def test_global_threshold_overrides_calibrated_ones(see_model, specs, tiny_cfg, two_tasks):
     arith = two_tasks[0]
     qs = [arith.query(x) for x in arith.test[:4]]
     ps = see_model.decide(qs, "expert2")
     assert max(ps) < 0.5 and min(ps) > 0.0  # expert 2 rejects arithmetic at the default threshold
     low = min(ps) / 2
     strict = [ExpertSpec(s.name, s.task, s.adapter_path, threshold=0.9) for s in specs]
-    res = Router(see_model, strict, cfg.routing.model_copy(update={"threshold": low})).route(qs, generate=False)
+    res = Router(see_model, strict, tiny_cfg.routing.model_copy(update={"threshold": low})).route(qs, generate=False)
     # the global threshold wins over the experts' own 0.9: expert 2 now accepts at the first hop
     assert all(r.expert == "expert2" and r.hops == 1 and r.trace[0].threshold == low for r in res)
 
 
-def test_calibrated_thresholds_keep_routing(see_model, specs, cfg, two_tasks):
+def test_calibrated_thresholds_keep_routing(see_model, specs, tiny_cfg, two_tasks):
     """Calibrate each expert on its own dev queries, then route with those thresholds."""
     calibrated = []
     for spec, task in zip(specs, two_tasks):
-        p_dev = see_model.decide(calibration_queries(task, cfg.rehearsal.input_only_share), spec.name)
-        thr = calibrate_threshold(p_dev, cfg.routing)
-        lo, hi = cfg.routing.calibration_bounds
+        p_dev = see_model.decide(calibration_queries(task, tiny_cfg.rehearsal.input_only_share), spec.name)
+        thr = calibrate_threshold(p_dev, tiny_cfg.routing)
+        lo, hi = tiny_cfg.routing.calibration_bounds
         assert lo <= thr <= hi
         calibrated.append(ExpertSpec(spec.name, spec.task, spec.adapter_path, threshold=thr))
-    router = Router(see_model, calibrated, cfg.routing)
+    router = Router(see_model, calibrated, tiny_cfg.routing)
     for spec, task in zip(calibrated, two_tasks):
         res = router.route([task.query(x) for x in task.test], generate=False)
         assert sum(r.expert == spec.name for r in res) >= 0.9 * len(res)

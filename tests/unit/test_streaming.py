@@ -8,11 +8,9 @@ import random
 import pytest
 
 from see_ray.serve.schema import StopScanner, apply_stop
-from see_ray.config import SEEConfig
 from see_ray.core.expert import SEEModel, StreamText
 from see_ray.core.prompts import Query
 
-from support import tiny_overrides, torch_threads
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -35,9 +33,8 @@ def test_stop_scanner_equals_apply_stop_on_any_split(seed):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    with torch_threads(1):
-        yield SEEModel(SEEConfig.from_yaml(None, tiny_overrides(tiny_model_path)), tiny_model_path)
+def tiny(tiny_cfg, tiny_model_path):
+    return SEEModel(tiny_cfg, tiny_model_path)
 
 
 def test_stream_text_is_exactly_the_stripped_decode(tiny):
@@ -54,11 +51,10 @@ def test_stream_text_is_exactly_the_stripped_decode(tiny):
 
 def test_model_stream_equals_batched_generation(tiny):
     queries = [Query("12 + 30", "Add the two numbers."), Query("apple river stone"), Query("Why is the sky blue?")]
-    with torch_threads(1):
-        batched = [tiny.generate([q], None, 12)[0] for q in queries]
-        for q, expected in zip(queries, batched):
-            items = list(tiny.stream(q, None, None, 12))
-            assert items[0] == {"p": None}
-            pieces = [i["text"] for i in items if "text" in i]
-            assert "".join(pieces) == items[-1]["answer"] == expected
-            assert len(pieces) >= 3  # one piece per generated token (the random model never stops early)
+    batched = [tiny.generate([q], None, 12)[0] for q in queries]
+    for q, expected in zip(queries, batched):
+        items = list(tiny.stream(q, None, None, 12))
+        assert items[0] == {"p": None}
+        pieces = [i["text"] for i in items if "text" in i]
+        assert "".join(pieces) == items[-1]["answer"] == expected
+        assert len(pieces) >= 3  # one piece per generated token (the random model never stops early)
