@@ -1,4 +1,5 @@
-"""Merge the quality.json files of runs that split the methods between processes (benchmarks/quality_full.sh).
+"""Merge the quality.json files of runs that split the methods between processes (benchmarks/quality_full.sh,
+benchmarks/quality_family_holdout.sh).
 
 The runs must share tasks, OOD tasks, pool, subsample and configuration: the merge refuses otherwise, so a
 published table never mixes methods measured under different settings.
@@ -43,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("inputs", nargs="+", help="quality.json files, methods taken in this order")
     ap.add_argument("--out", required=True, help="folder for the merged quality.json, quality.md and plots/")
+    ap.add_argument("--command", default="bash benchmarks/quality_full.sh", help="the command recorded as the run's")
     ap.add_argument("--note", action="append", default=[], help="a note stored in the merged JSON (repeatable)")
     args = ap.parse_args()
     runs = [json.loads(Path(p).read_text()) for p in args.inputs]
@@ -60,7 +62,7 @@ def main() -> None:
             if a != b:
                 raise SystemExit(f"{p}: {k!r} differs from {args.inputs[0]}; these runs cannot be merged")
     merged = {k: v for k, v in first.items() if k not in ("methods", "timings_s", "command", "complete")}
-    merged["command"] = "bash benchmarks/quality_full.sh"
+    merged["command"] = args.command
     merged["executed_as"] = [r["command"] for r in runs]
     merged["methods"] = {m: v for r in runs for m, v in r["methods"].items()}
     # a run reports a method only once it has finished it (partial reports of a stopped run hold the methods it

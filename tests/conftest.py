@@ -13,7 +13,7 @@ import torch
 
 from see_ray.config import SEEConfig
 from see_ray.core.model import build_tiny_model, cache_root
-from see_ray.tools.builtin import arithmetic_task, general_pool, shout_task
+from see_ray.tools.builtin import arithmetic_task, general_pool, instruction_pool, shout_task
 
 from support import tiny_overrides, torch_threads
 
@@ -67,7 +67,10 @@ def two_tasks():
 
 @pytest.fixture(scope="session")
 def pool():
-    return general_pool(24)
+    """A general pool of both kinds the job's default pool holds, chat requests and instruction-style queries, 24
+    each: the 64-wide random test model learns to reject this many (with the whole default pool, 64 sampled per
+    expert, its second expert's p(ACCEPT) flattened to about 0.8 for every query)."""
+    return general_pool(24) + instruction_pool(24)
 
 
 # -- trained experts ------------------------------------------------------------------------------------------

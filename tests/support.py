@@ -24,8 +24,8 @@ SUPERNI = SHARED / "data" / "superni-cl"
 # - bf16 autocast is off: on CPU it is 10x slower for a model this small (the 49k-row output matmul).
 # - lr 0.01 with an indicator weight of 30: a random 64-wide network cannot learn the answers, and with weight 1
 #   their loss drowns the routing signal (a second expert stayed at a constant p=0.98).
-# - input_only_share 0: prompts carry the task definition, which a 2-layer random network can tell apart;
-#   input-only routing is measured on the real model by the benchmark, where it is meaningful.
+# - input_only_share 0.5, as the real model is trained: half the prompts without the task definition, so the
+#   learning test checks raw client queries too (arithmetic's digits and shout's lowercase words tell them apart).
 # - 120 steps: the tiny model learns routing in about 100 steps.
 TINY_OVERRIDES = {
     "model.max_prompt_tokens": 64,
@@ -39,8 +39,9 @@ TINY_OVERRIDES = {
     "training.log_every": 20,
     "training.max_target_tokens": 8,
     "training.indicator_loss_weight": 30.0,
-    "rehearsal.input_only_share": 0.0,
+    "rehearsal.input_only_share": 0.5,
     "rehearsal.per_task_min": 16,
+    "rehearsal.general_pool_size": "null",  # the whole (small) test pool
     "routing.max_new_tokens": 8,
 }
 

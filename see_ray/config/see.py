@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -94,8 +95,21 @@ class RehearsalConfig(ConfigBase):
         description="Rehearsal negatives drawn per earlier task when training a new expert (None: all kept).",
     )
     general_pool_size: int | None = Field(
-        None, ge=0, description="General-pool negatives per expert (None: the whole pool). SEE requires a "
-        "general pool: without negatives that belong to no task, the first expert never learns to reject."
+        64,
+        ge=0,
+        description="General-pool negatives per expert, sampled from the pool's training part (None: all of it). "
+        "SEE requires a general pool: without negatives that belong to no task, the first expert never learns to "
+        "reject. Each expert draws its own sample, so a large pool is covered across the sequence without "
+        "every expert's budget going to negatives.",
+    )
+    calibration_share: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each earlier task's rehearsal samples and of the general pool that no expert trains "
+        "on: they are the held-out negatives on which a new expert's threshold is calibrated and validated "
+        "(routing.calibration_max_false_rejection). Which items are held out depends only on their text, so "
+        "every expert holds out the same ones.",
     )
     input_only_share: float = Field(
         0.5,
@@ -117,7 +131,26 @@ class RehearsalConfig(ConfigBase):
 class TrainConfig(ConfigBase):
     """Training of one adapter (the same loop runs in-process and as Ray Train's train_loop_per_worker)."""
 
-    steps: int = Field(40, ge=1, description="Optimizer steps per expert (per task for the baselines).")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="A fixed number of optimizer steps per adapter; when set it replaces the epoch budget "
+        "(``epochs``, ``min_steps``, ``max_steps``).",
+    )
+    epochs: float = Field(
+        3.0,
+        gt=0.0,
+        description="Training budget in passes over the adapter's training set: steps = ceil(epochs x examples / "
+        "batch_size), within [min_steps, max_steps]. The set holds each of the expert's own examples once (and its "
+        "negatives once), so every own example is seen about ``epochs`` times whatever the number of negatives: "
+        "negatives no longer crowd answers out of a fixed step count. The baselines follow the same rule on their "
+        "own training sets (see-ray bench quality).",
+    )
+    min_steps: int = Field(8, ge=1, description="Fewest optimizer steps of the epoch budget (tiny data sets).")
+    max_steps: int = Field(
+        120, ge=1, description="Step cap of the epoch budget, for large training sets. The cost of an expert is linear "
+        "in steps: 120 steps of batch 8 on 112-token prompts take about 12 minutes on 2 CPU cores for the 135M model."
+    )
     batch_size: int = Field(8, ge=1, description="Global batch size (split across workers).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, linear warmup then constant).")
     warmup_steps: int = Field(4, ge=0, description="Linear warmup steps.")
@@ -154,6 +187,28 @@ class TrainConfig(ConfigBase):
     )
     progress: bool = Field(True, description="Show a progress bar in-process.")
 
+    @model_validator(mode="after")
+    def _step_range(self) -> "TrainConfig":
+        if self.min_steps > self.max_steps:
+            raise ValueError("training.min_steps must be <= training.max_steps")
+        return self
+
+    def steps_for(self, n_examples: int) -> int:
+        """Optimizer steps for a training set of ``n_examples``: ``steps`` when set, else the epoch budget."""
+        if self.steps is not None:
+            return self.steps
+        return min(self.max_steps, max(self.min_steps, math.ceil(self.epochs * n_examples / self.batch_size)))
+
+    def budget(self) -> str:
+        """The budget in words, e.g. '40 steps' or '2 epochs (8-150 steps)'."""
+        if self.steps is not None:
+            return f"{self.steps} steps"
+        return f"{self.epochs:g} epochs ({self.min_steps}-{self.max_steps} steps)"
+
+    def resolved(self, n_examples: int) -> "TrainConfig":
+        """This config with ``steps`` fixed for a training set of ``n_examples`` (what the training loop runs)."""
+        return self.model_copy(update={"steps": self.steps_for(n_examples)})
+
 
 class RoutingConfig(ConfigBase):
     """Sequential routing at inference (SEE's step 3)."""
@@ -174,11 +229,28 @@ class RoutingConfig(ConfigBase):
         0.02,
         ge=0.0,
         lt=1.0,
-        description="Calibration picks the largest threshold keeping false rejection of the expert's own dev "
-        "queries at or under this share.",
+        description="Calibration keeps false rejection of the expert's own held-out dev queries at or under this "
+        "share, and within that bound rejects as many held-out negatives as it can (core/routing.calibrate).",
+    )
+    calibration_position: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Where the threshold sits between the highest held-out negative and the largest threshold the "
+        "false-rejection bound allows, in log-odds: 0.5 the middle (equal margins), 1 the bound itself (rejects most "
+        "of what calibration never saw, at the cost of own queries slightly less confident than the dev set's).",
     )
     calibration_bounds: tuple[float, float] = Field(
-        (0.5, 0.95), description="The calibrated threshold is clipped into [low, high]."
+        (0.5, 0.995),
+        description="The calibrated threshold is clipped into [low, high]: below 0.5 an expert would accept what it "
+        "finds more likely to reject; the high end keeps a threshold from a small dev set off 1.0.",
+    )
+    recalibrate: bool = Field(
+        False,
+        description="When a new expert joins the sequence, re-calibrate every older expert's threshold against the "
+        "new task's held-out queries too (the same rule, core/routing.calibrate_on_held_out). A threshold is a "
+        "scalar: nothing is retrained. Used by `see-ray bench quality`; the registry keeps every threshold an expert "
+        "has had (Registry.set_threshold).",
     )
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated by the accepting expert or the base.")
 

@@ -164,4 +164,7 @@ class WorkerJob(ConfigBase):
         None, description="{'storage': URI, 'record': registry record}: start from that registered expert's adapter "
         "(training.warm_start), read by every worker from the storage, hash-checked.")
     meta: dict[str, Any] = Field(default_factory=dict, description="Copied into the adapter's see_meta.json.")
+    snapshot_steps: list[int] = Field(
+        default_factory=list, description="In-process: also write the adapter as it is after each of these steps, "
+        "to <output_dir>.snapshots/step-N (a learning curve from one run, e.g. the benchmark's MTL dev curve).")
     ray: bool = Field(False, description="Running as a Ray Train worker (rank, device and data from Ray Train).")

@@ -8,11 +8,17 @@ When task t arrives its training set is rebuilt as
 A configurable share of all prompts is written without the task definition, so that experts recognise raw
 client queries too. After training, a small sample of t's own queries joins the buffer.
 
+A fixed share of the negatives (``rehearsal.calibration_share``) is never trained on: ``held_out`` picks them by
+their text alone, so every expert holds out the same ones, and ``calibration_negatives`` hands them to the
+calibration of the new expert's threshold (core/routing.calibrate), which thus measures rejection on queries the
+expert never saw.
+
 Everything here is plain data and pure functions, so it runs the same in a job, a test or a Ray worker.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -78,6 +84,33 @@ class RehearsalBuffer:
         return cls(json.loads(text))
 
 
+def held_out(q: Query, share: float) -> bool:
+    """Whether a negative query is kept out of training for calibration: a hash of its text (definition and
+    input) below ``share``, so the choice never depends on the expert, the order or the sampling seed."""
+    if share <= 0.0:
+        return False
+    digest = hashlib.sha256(f"{q.definition or ''}\x00{q.input}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def calibration_negatives(
+    buffer: "RehearsalBuffer", general_pool: list[Query], cfg: RehearsalConfig, exclude: set[str] = frozenset()
+) -> dict[str, list[Query]]:
+    """The held-out negatives of a new expert, by source: each earlier task's held-out rehearsal queries (with
+    their definitions) and the general pool's held-out queries under ``"general"``. Empty sources are left out."""
+    out: dict[str, list[Query]] = {}
+    for name, samples in buffer.samples.items():
+        if name in exclude:
+            continue
+        qs = [q for q in (Query(s["input"], s.get("definition")) for s in samples) if held_out(q, cfg.calibration_share)]
+        if qs:
+            out[name] = qs
+    general = [q for q in general_pool if held_out(q, cfg.calibration_share)]
+    if general:
+        out["general"] = general
+    return out
+
+
 def _maybe_strip(q: Query, rng: random.Random, share: float) -> Query:
     return Query(q.input, None) if rng.random() < share else q
 
@@ -92,7 +125,7 @@ def reconstruct(
     """SEE's reconstructed training set for ``task``: positives + rehearsal negatives + general negatives.
 
     ``exclude`` names tasks whose rehearsal samples must not be used as negatives (the task itself when a new
-    version of an existing expert is trained).
+    version of an existing expert is trained). Negatives that ``held_out`` reserves for calibration are left out.
     """
     rng = random.Random(f"{cfg.seed}:reconstruct:{task.name}")
     share = cfg.input_only_share
@@ -102,12 +135,12 @@ def reconstruct(
     for name, samples in buffer.samples.items():
         if name == task.name or name in exclude:
             continue
-        chosen = samples
-        if cfg.negatives_per_task is not None and len(samples) > cfg.negatives_per_task:
-            chosen = rng.sample(samples, cfg.negatives_per_task)
+        chosen = [s for s in samples if not held_out(Query(s["input"], s["definition"]), cfg.calibration_share)]
+        if cfg.negatives_per_task is not None and len(chosen) > cfg.negatives_per_task:
+            chosen = rng.sample(chosen, cfg.negatives_per_task)
         for s in chosen:
             out.append(Example(_maybe_strip(Query(s["input"], s["definition"]), rng, share), "reject", None, name))
-    pool = general_pool
+    pool = [q for q in general_pool if not held_out(q, cfg.calibration_share)]
     if cfg.general_pool_size is not None and len(pool) > cfg.general_pool_size:
         pool = rng.sample(pool, cfg.general_pool_size)
     for q in pool:

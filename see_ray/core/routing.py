@@ -8,8 +8,10 @@ loads a model or imports Ray.
 - Order: the experts form a sequence, newest first by default (``routing.order``).
 - Threshold: a fixed global ``routing.threshold`` wins; otherwise the expert's calibrated threshold;
   otherwise ``routing.default_threshold``.
-- Calibration: the largest threshold that keeps false rejection of the expert's own dev queries within
-  ``routing.calibration_max_false_rejection``, asked in the prompt forms the expert was trained on.
+- Calibration: on held-out data, in the prompt forms the expert was trained on: the expert's own dev queries
+  (positives) and negatives it never trained on (other tasks' held-out rehearsal queries and general-pool queries,
+  ``rehearsal.calibration_negatives``). Within false rejection <= ``routing.calibration_max_false_rejection`` of the
+  positives, the threshold that rejects the most negatives, placed in the middle of the gap it leaves (log-odds).
 - The walk: a query is offered to the experts one after another; the first whose p(ACCEPT) reaches its
   threshold answers, and the experts after it are never asked for that query. If all reject, the base model
   answers. With a concurrency width k > 1 the next k experts are asked at once and the first ACCEPT in
@@ -30,7 +32,9 @@ from see_ray.config import RoutingConfig
 from see_ray.core.prompts import Query
 
 if TYPE_CHECKING:
+    from see_ray.config import SEEConfig
     from see_ray.core.data import Task
+    from see_ray.core.rehearsal import RehearsalBuffer
 
 
 @dataclass
@@ -114,19 +118,90 @@ def calibration_queries(task: Task, input_only_share: float) -> list[Query]:
     return prompt_forms([task.query(x) for x in task.dev], input_only_share)
 
 
-def calibrate_threshold(p_own_dev: list[float], cfg: RoutingConfig) -> float:
-    """The largest threshold that keeps false rejection of the expert's own dev queries <= the bound.
+@dataclass
+class Calibration:
+    """An expert's operating point, chosen on held-out data: its threshold and both error rates there."""
 
-    With p sorted ascending, rejecting the k lowest (k = floor(bound * n)) is allowed, so the threshold is
-    p[k]; it is clipped into ``calibration_bounds`` (a near-1.0 value from a small dev set would be brittle
-    on test data, and below 0.5 an expert would accept what it finds more likely to reject).
+    threshold: float
+    false_rejection: float  # share of the held-out own queries rejected at ``threshold``
+    false_acceptance: float | None  # share of the held-out negatives accepted (None: there were none)
+    n_positives: int
+    n_negatives: int
+    negatives_by_source: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1 - 1e-9)
+    return math.log(p / (1 - p))
+
+
+def calibrate(p_pos: Sequence[float], p_neg: Sequence[float], cfg: RoutingConfig,
+              negatives_by_source: dict[str, int] | None = None) -> Calibration:
+    """Choose an expert's threshold from its p(ACCEPT) on held-out own queries (``p_pos``) and held-out negatives.
+
+    Rejecting the k lowest positives is allowed (k = floor(bound x n)), so thresholds up to ``t_max`` = the k-th
+    lowest positive keep false rejection within the bound. Raising the threshold only ever rejects more, so the
+    fewest negatives are accepted at ``t_max``; every threshold above the highest negative below ``t_max`` does as
+    well. The threshold lies in that interval at ``routing.calibration_position`` (in log-odds: 0 just above the
+    negative, 0.5 the middle, where positives and negatives keep equal margins, 1 at ``t_max``); without negatives it
+    is ``t_max`` (the largest threshold within the bound). It is clipped into
+    ``calibration_bounds`` and the error rates are measured at the clipped value.
     """
     lo, hi = cfg.calibration_bounds
-    if not p_own_dev:
-        return cfg.default_threshold
-    ps = sorted(p_own_dev)
-    k = math.floor(cfg.calibration_max_false_rejection * len(ps))
-    return min(max(ps[k], lo), hi)
+    pos = sorted(p_pos)
+    neg = list(p_neg)
+    if not pos:
+        thr = cfg.default_threshold
+    else:
+        t_max = pos[math.floor(cfg.calibration_max_false_rejection * len(pos))]
+        below = [p for p in neg if p < t_max]
+        if neg and below:
+            n_lo = max(below)
+            a = cfg.calibration_position
+            mid = (1 - a) * _logit(n_lo) + a * _logit(t_max)
+            thr = 1 / (1 + math.exp(-mid))
+            thr = min(max(thr, math.nextafter(n_lo, 1.0)), t_max)  # rounding never crosses either end
+        else:
+            thr = t_max
+    thr = min(max(thr, lo), hi)
+    fr = sum(not accepts(p, thr) for p in pos) / len(pos) if pos else 0.0
+    fa = sum(accepts(p, thr) for p in neg) / len(neg) if neg else None
+    return Calibration(thr, fr, fa, len(pos), len(neg), dict(negatives_by_source or {}))
+
+
+@dataclass
+class HeldOut:
+    """An expert's p(ACCEPT) on its held-out calibration data, and the operating point chosen from it."""
+
+    calibration: Calibration
+    p_own: list[float]  # own dev queries, in the trained prompt forms
+    p_negatives: dict[str, list[float]]  # by source: an earlier task's name, or "general"
+
+
+def calibrate_on_held_out(decide: Callable[[list[Query]], list[float]], task: Task, buffer: RehearsalBuffer,
+                          pool: list[Query], see: SEEConfig) -> HeldOut:
+    """Calibrate a new expert as every caller does (the add-expert job, the benchmark, the in-process demo):
+    ``decide(queries)`` is the expert's p(ACCEPT); positives are its task's dev queries, negatives the held-out
+    rehearsal queries of the other tasks in ``buffer`` and the held-out general-pool queries
+    (``rehearsal.calibration_negatives``), all in the prompt forms the expert was trained on."""
+    from see_ray.core.rehearsal import calibration_negatives
+
+    share = see.rehearsal.input_only_share
+    negatives = {src: prompt_forms(qs, share)
+                 for src, qs in calibration_negatives(buffer, pool, see.rehearsal, exclude={task.name}).items()}
+    p_own = decide(calibration_queries(task, share))
+    p_neg = {src: decide(qs) for src, qs in negatives.items()}
+    cal = calibrate(p_own, [p for ps in p_neg.values() for p in ps], see.routing,
+                    {src: len(qs) for src, qs in negatives.items()})
+    return HeldOut(cal, p_own, p_neg)
+
+
+def calibrate_threshold(p_own_dev: list[float], cfg: RoutingConfig) -> float:
+    """The threshold from own dev queries alone (no negatives at hand): ``calibrate(p_own_dev, [], cfg)``."""
+    return calibrate(p_own_dev, [], cfg).threshold
 
 
 # -- the first-accept walk ---------------------------------------------------------------------------------

@@ -238,6 +238,8 @@ def train_loop_per_worker(config: dict | WorkerJob) -> dict | None:
     job = config if isinstance(config, WorkerJob) else WorkerJob.model_validate(config)
     cfg = job.see
     tcfg = cfg.training
+    if tcfg.steps is None:  # a worker sees its shard only, so the caller fixes the budget on the whole set
+        raise ValueError("training.steps must be resolved before the loop (TrainConfig.resolved)")
     in_ray = job.ray
     if in_ray:
         import ray.train
@@ -328,6 +330,9 @@ def train_loop_per_worker(config: dict | WorkerJob) -> dict | None:
         tokens += n_tok
         window_tok += n_tok
         losses.append(float(loss.detach()))
+        if step in job.snapshot_steps and not in_ray:
+            save_adapter(engine.module if engine is not None else model,
+                         Path(f"{job.output_dir}.snapshots") / f"step-{step}", {**job.meta, "step": step}, zero_stage)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -335,6 +340,7 @@ def train_loop_per_worker(config: dict | WorkerJob) -> dict | None:
             now = time.perf_counter()
             metrics = {
                 "step": step,
+                "steps": tcfg.steps,
                 "loss": sum(losses[-tcfg.log_every :]) / len(losses[-tcfg.log_every :]),
                 "tokens_per_s": window_tok * world / max(now - window_t, 1e-9),  # global estimate
                 "lr": scheduler.get_last_lr()[0],
@@ -424,9 +430,12 @@ def train_adapter(
     output_dir: str | Path,
     init_adapter: str | None = None,
     meta: dict | None = None,
+    snapshot_steps: list[int] | None = None,
 ) -> dict:
-    """Train one adapter in this process and write it to ``output_dir``; returns the training figures."""
+    """Train one adapter in this process and write it to ``output_dir``; returns the training figures. The step
+    count is ``cfg.training``'s budget for ``examples`` (``TrainConfig.steps_for``)."""
+    cfg = cfg.model_copy(update={"training": cfg.training.resolved(len(examples))})
     return train_loop_per_worker(
         WorkerJob(see=cfg, model_path=model_path, examples=examples, output_dir=str(output_dir),
-                  init_adapter=init_adapter, meta=meta or {})
+                  init_adapter=init_adapter, meta=meta or {}, snapshot_steps=snapshot_steps or [])
     )

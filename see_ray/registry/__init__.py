@@ -28,6 +28,7 @@ from see_ray.registry.registry import (
     NewExpert,
     Registry,
     RegistryDoc,
+    ThresholdChange,
     check_served_base,
     fault_point,
     format_sequence,
@@ -36,6 +37,6 @@ from see_ray.registry.registry import (
 
 __all__ = [
     "FAULT_ENV", "REGISTRY_FILE", "BaseModelIdentity", "BaseModelMismatch", "ConcurrentModification", "Event",
-    "ExpertExists", "ExpertRecord", "FileLock", "ActorLock", "Indicators", "NewExpert", "Registry", "RegistryDoc", "RegistryError",
+    "ExpertExists", "ExpertRecord", "FileLock", "ActorLock", "Indicators", "NewExpert", "Registry", "RegistryDoc", "RegistryError", "ThresholdChange",
     "RegistryLockTimeout", "check_served_base", "fault_point", "format_sequence", "sha256_file",
 ]

@@ -130,6 +130,15 @@ class Indicators(_Doc):
     reject_id: int | None = Field(None, description="Its id in the base vocabulary.")
 
 
+class ThresholdChange(_Doc):
+    """One entry of an expert's threshold history: the value, when, why, and its operating point."""
+
+    threshold: float | None
+    at: str = Field(description="UTC time (ISO 8601).")
+    reason: str = Field(description="'registered', or why it was re-calibrated.")
+    calibration: dict[str, Any] | None = Field(None, description="core.routing.Calibration of this value, if any.")
+
+
 class ExpertRecord(_Doc):
     """One expert version."""
 
@@ -145,6 +154,12 @@ class ExpertRecord(_Doc):
     base_model: BaseModelIdentity
     indicators: Indicators
     threshold: float | None = Field(None, description="Calibrated acceptance threshold on p(ACCEPT).")
+    calibration: dict[str, Any] | None = Field(
+        None, description="The operating point the threshold was chosen at, on held-out data (core.routing."
+        "Calibration: threshold, false_rejection, false_acceptance, n_positives, n_negatives, negatives_by_source).")
+    threshold_history: list[ThresholdChange] = Field(
+        default_factory=list, description="Every threshold this version has had, oldest first (a threshold is a "
+        "scalar: re-calibrating it retrains nothing).")
     definition: str | None = Field(None, description="The task's instruction text.")
     trained_against: list[str] = Field(
         default_factory=list, description="Tasks whose rehearsal queries were negatives in its training set."
@@ -197,6 +212,7 @@ class NewExpert(BaseModel):
     base_model: BaseModelIdentity
     indicators: Indicators
     threshold: float | None = None
+    calibration: dict[str, Any] | None = None
     definition: str | None = None
     trained_against: list[str] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -373,6 +389,9 @@ class Registry:
                 base_model=new.base_model,
                 indicators=new.indicators,
                 threshold=new.threshold,
+                calibration=new.calibration,
+                threshold_history=[ThresholdChange(threshold=new.threshold, at=now_iso(), reason="registered",
+                                                   calibration=new.calibration)],
                 definition=new.definition,
                 trained_against=sorted(new.trained_against),
                 rehearsal_uri=self.storage.uri_of(rehearsal_rel),
@@ -391,6 +410,24 @@ class Registry:
             detail = f"replaces version {existing.version}" if existing is not None else None
             self._event(doc, "replace" if existing is not None else "add", rec, detail)
             fault_point("commit")  # files written, the document not yet swapped: the window a kill must survive
+        return rec
+
+    def set_threshold(self, name: str, threshold: float, reason: str,
+                      calibration: dict[str, Any] | None = None) -> ExpertRecord:
+        """Give an active expert a new threshold (re-calibration; its adapter is untouched) and append it to the
+        expert's ``threshold_history``."""
+        _name(name)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold {threshold} must lie in (0, 1)")
+        with self._transaction() as doc:
+            rec = doc.find(name)
+            if rec is None:
+                raise RegistryError(f"no expert named {name!r} in {self.storage.uri}")
+            rec.threshold = threshold
+            rec.calibration = calibration
+            rec.threshold_history.append(
+                ThresholdChange(threshold=threshold, at=now_iso(), reason=reason, calibration=calibration))
+            self._event(doc, "threshold", rec, f"{threshold:.4f}: {reason}")
         return rec
 
     def _set_status(self, name: str, status: Literal["active", "disabled"]) -> ExpertRecord:

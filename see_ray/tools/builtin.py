@@ -4,15 +4,23 @@ Three small tasks that the real 135M model learns in a few dozen steps and that 
 - ``arithmetic``: "17 + 25" -> "42";
 - ``shout``: a short lowercase phrase -> the same words in capitals;
 - ``antonyms``: a word -> its opposite.
-The general pool holds ordinary requests that belong to none of them (questions, instructions, chit-chat);
-every expert learns to reject it, so such queries reach the base model (SEE's out-of-distribution path).
-The same generators give the tests their synthetic tasks, the demo its tasks and the add-expert job its default
-general pool.
+The general pool holds queries that belong to none of them; every expert learns to reject it, so such queries
+reach the base model (SEE's out-of-distribution path). It has two parts:
+- ``general_pool``: chat requests (questions, small instructions);
+- ``instruction_pool``: instruction-style tasks of 52 families of 13 types (question answering, word problems, code,
+  translation, extraction, classification, rewriting, dialogue, summarisation, formatting, word games, reasoning,
+  writing), each query with or without its SuperNI-style definition. Experts trained on chat negatives alone
+  learned to accept anything that looks like a task (docs/results.md, "OOD"); these are the task-shaped negatives.
+``default_pool`` joins the two: the default general pool of the add-expert job and the demo. The same generators
+give the tests their synthetic tasks and the demo its tasks.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from see_ray.core.data import Instance, Task
 from see_ray.core.prompts import Query
@@ -89,11 +97,10 @@ def general_pool(n: int = 48, seed: int = 0) -> list[Query]:
     return out
 
 
-# Instruction-style requests (a SuperNI-like definition and an input) of task families that neither the demo tasks
-# nor the SuperNI-CL benchmark hold: word games, formatting, unit and date conversion, code, grammar. Chit-chat alone
-# teaches an expert to reject questions, not tasks: with only the chat pool, every held-out SuperNI task of the
-# 10-task run was accepted by some expert (docs/results.md, "OOD"). Each entry: (definition, input template); the
-# template's fields: {w} {w2} {w3} words, {c} a country, {a} {b} {d} {e} numbers, {day} a day of the month.
+# -- the 16-family pool of --general-pool-tasks builtin-instructions -------------------------------------------
+# Kept as it was when the published runs used it (docs/results.md, "A pool of instruction tasks does not change
+# that"), so that those runs can be rebuilt (benchmarks/expert_budget.py). Each entry: (definition, input template);
+# the template's fields: {w} {w2} {w3} words, {c} a country, {a} {b} {d} {e} numbers, {day} a day of the month.
 _INSTRUCTION_TASKS = [
     ("In this task, you are given an English word. Translate it into French.", "{w}"),
     ("Count the letters in the given word and answer with the number.", "{w}"),
@@ -115,9 +122,9 @@ _INSTRUCTION_TASKS = [
 ]
 
 
-def instruction_pool(n: int = 24, seed: int = 0) -> list[Query]:
-    """Instruction-style queries of tasks outside every built-in and benchmark task family (``_INSTRUCTION_TASKS``),
-    half with their definition and half input-only, as the experts' own training prompts are written."""
+def _instruction_pool_16(n: int, seed: int = 0) -> list[Query]:
+    """``n`` queries of the 16 families of ``_INSTRUCTION_TASKS`` in turn, half with their definition and half
+    input-only."""
     rng = random.Random(f"instructions:{seed}")
     out = []
     for i in range(n):
@@ -131,21 +138,636 @@ def instruction_pool(n: int = 24, seed: int = 0) -> list[Query]:
     return out
 
 
+# -- the instruction pool ---------------------------------------------------------------------------------------
+# Chit-chat alone teaches an expert to reject questions, not tasks: an expert whose only negatives were the chat
+# pool accepted every SuperNI-style query of a held-out task (docs/results.md, "OOD": the samsum expert, trained
+# first, "learned 'a SuperNI-style task means ACCEPT'"), and 12 queries of the 16 families above did not change
+# that. The instruction pool is larger and more varied: 52 families of 13 types, each written here as a definition
+# and a few input templates over the filler lists below (nothing is copied from a dataset). Left out on purpose:
+# adding two numbers, repeating words in capitals and word opposites (the demo tasks, which its experts must
+# accept) and sentiment or emotion classification (three SuperNI-CL benchmark tasks are of that kind).
+#
+# Templates: "{key}" draws from _SLOTS[key]; "{key2}", "{key3}"... draw other values of the same list, and a
+# field that appears twice gets the same value twice (str.format).
+_SLOTS: dict[str, list] = {
+    "name": ["Maria", "Tomas", "Aisha", "Kenji", "Lena", "Omar", "Priya", "Jonas", "Sofia", "Diego", "Hannah",
+             "Ravi", "Chloe", "Mateo", "Ingrid", "Yusuf", "Nadia", "Felix", "Grace", "Luca"],
+    "surname": ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Novak", "Castillo", "Brennan", "Haddad", "Petrov"],
+    "title": ["Ms", "Mr", "Dr", "Professor"],
+    "city": ["Lisbon", "Osaka", "Nairobi", "Toronto", "Krakow", "Lima", "Melbourne", "Dublin", "Seville", "Hanoi",
+             "Bergen", "Accra", "Porto", "Tbilisi", "Valparaiso"],
+    "town": ["Millbrook", "Eastwick", "Hollow Creek", "Ravensford", "Pine Harbor", "Little Ashby", "Stonebridge"],
+    "country": ["Portugal", "Vietnam", "Chile", "Ghana", "Finland", "Peru", "Morocco", "Thailand", "Greece",
+                "Argentina", "Poland", "Nepal", "Ireland", "Colombia", "Indonesia", "Sweden", "Turkey", "Australia"],
+    "weekday": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "month": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+              "November", "December"],
+    "season": ["spring", "summer", "autumn", "winter"],
+    "day": list(range(1, 29)),
+    "year": list(range(1961, 2024)),
+    "hour": list(range(7, 12)),
+    "place": ["library", "bakery", "train station", "museum", "market", "park", "post office", "stadium",
+              "pharmacy", "swimming pool", "town hall", "cinema"],
+    "job": ["nurse", "carpenter", "teacher", "pilot", "chef", "librarian", "engineer", "gardener", "photographer",
+            "mechanic", "dentist", "translator"],
+    "instrument": ["violin", "cello", "trumpet", "piano", "guitar", "flute", "drums", "accordion"],
+    "transport": ["bus", "train", "ferry", "tram", "bicycle", "car"],
+    "item": ["stickers", "marbles", "stamps", "postcards", "buttons", "seashells", "pencils", "cookies"],
+    "product": ["water bottle", "backpack", "desk lamp", "running shoe", "tea kettle", "bicycle helmet",
+                "phone case", "notebook", "umbrella", "yoga mat", "coffee grinder", "travel pillow"],
+    "material": ["bamboo", "recycled plastic", "stainless steel", "oak wood", "organic cotton", "glass", "wool",
+                 "cork"],
+    "color": ["green", "blue", "yellow", "grey", "red", "purple", "white", "orange"],
+    "food": ["soup", "rice", "cheese", "bread", "lemonade", "pasta", "yogurt", "salad", "pancakes", "tea"],
+    "doc": ["report", "invoice", "contract", "slides", "budget", "timetable", "meeting notes", "application form"],
+    "event": ["concert", "football match", "book fair", "science festival", "board meeting", "wedding",
+              "marathon", "school trip"],
+    "user": ["maria.lopez", "k.tanaka", "support", "j.novak", "info", "priya88", "omar.h", "bookings"],
+    "domain": ["example", "mailbox", "northwind", "bluefin", "acme-labs", "greenleaf"],
+    "n": list(range(3, 60)),
+    "k": list(range(2, 10)),
+    "price": list(range(4, 250)),
+    "pct": [5, 10, 15, 20, 25, 30, 40, 50, 75],
+    "lang": ["Python", "JavaScript", "Java", "Go", "Rust", "C", "Ruby", "TypeScript"],
+    "fn": ["process", "helper", "compute", "check", "transform", "count_items", "clean", "score"],
+    "var": ["total", "count", "items", "result", "value", "data"],
+    "table": ["employees", "orders", "books", "students", "flights"],
+    "furniture": ["sofa", "bookshelf", "wardrobe", "piano", "desk", "bed"],
+}
+
+# Short sentences in other languages, written for this pool, for translation into English and language
+# identification. {n} >= 3 keeps the plural nouns right.
+_FOREIGN = [
+    "{name} vive en {city} desde hace {n} años.", "Mañana vamos a {city} en tren.",
+    "¿Dónde está la estación más cercana, {name}?", "{name} habite à {city} depuis {n} ans.",
+    "Nous partons pour {city} demain matin.", "Le musée ferme à {hour} heures ce soir.",
+    "{name} wohnt seit {n} Jahren in {city}.", "Wir fahren morgen mit dem Zug nach {city}.",
+    "Kannst du mir bitte das Salz geben, {name}?", "{name} abita a {city} da {n} anni.",
+    "Domani andiamo a {city} in treno.", "{name} mora em {city} há {n} anos.",
+    "Amanhã vamos para {city} de autocarro.", "{name} woont al {n} jaar in {city}.",
+]
+
+# Plain English sentences to translate. Each translation family wraps them differently.
+_ENGLISH = [
+    "My sister works at the {place} near the river.", "We are going to {city} by {transport} next {weekday}.",
+    "Could you tell me where the {place} is?", "{name} bought a {color} coat yesterday.",
+    "It is raining, so we will stay at home and cook {food}.", "The {place} is closed on {weekday}s.",
+    "{name} has lived in {city} for {n} years.", "I would like a cup of {food}, please.",
+    "Our train to {city} leaves at {hour} in the morning.", "{name} is learning to play the {instrument}.",
+]
+
+# Words by category, for multiple-choice questions and odd-one-out puzzles.
+_CATEGORIES = {
+    "fruit": ["pear", "plum", "mango", "cherry", "apricot", "kiwi", "banana", "grape"],
+    "musical instrument": ["violin", "trumpet", "harp", "cello", "flute", "banjo", "oboe", "drum"],
+    "tool": ["hammer", "wrench", "screwdriver", "saw", "chisel", "pliers", "drill"],
+    "vehicle": ["truck", "canoe", "tractor", "scooter", "helicopter", "tram", "van"],
+    "mammal": ["otter", "whale", "bat", "horse", "badger", "camel", "squirrel"],
+    "bird": ["sparrow", "eagle", "penguin", "parrot", "owl", "heron", "robin"],
+    "planet": ["Mars", "Venus", "Jupiter", "Saturn", "Neptune", "Mercury"],
+    "piece of furniture": ["sofa", "wardrobe", "stool", "dresser", "bookcase", "armchair"],
+}
+
+_LONG_WORDS = ["strawberry", "mountain", "telescope", "butterfly", "umbrella", "kangaroo", "chocolate",
+               "adventure", "hospital", "volcano", "elephant", "calendar", "keyboard", "sandwich", "penguin",
+               "library", "dinosaur", "orchestra"]
+_UNIT_PAIRS = [("kilometers", "miles"), ("miles", "kilometers"), ("kilograms", "pounds"), ("pounds", "kilograms"),
+               ("liters", "gallons"), ("hours", "seconds"), ("inches", "centimeters"), ("feet", "meters"),
+               ("ounces", "grams"), ("days", "hours"), ("square meters", "square feet"), ("cups", "milliliters"),
+               ("kilobytes", "bytes"), ("weeks", "minutes")]
+_TABLES = {  # table: (numeric columns, text columns)
+    "employees": (["salary", "hire_year"], ["name", "department"]),
+    "orders": (["amount", "quantity"], ["customer", "country"]),
+    "books": (["price", "pages", "year"], ["title", "author"]),
+    "students": (["age", "grade"], ["name", "city"]),
+    "flights": (["distance", "seats"], ["origin", "destination", "airline"]),
+}
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+?)(\d*)\}")
+
+
+def _fill(rng: random.Random, template: str, slots: dict[str, list] | None = None) -> str:
+    """``template`` with every ``{key}`` / ``{keyN}`` replaced (``_SLOTS`` updated with ``slots``); fields of one
+    list get distinct values, a repeated field the same value."""
+    lists = {**_SLOTS, **(slots or {})}
+    values: dict[str, str] = {}
+    used: dict[str, set] = {}
+    for m in _PLACEHOLDER.finditer(template):
+        field, key = m.group(0)[1:-1], m.group(1)
+        if field in values:
+            continue
+        taken = used.setdefault(key, set())
+        value = rng.choice([v for v in lists[key] if v not in taken])
+        taken.add(value)
+        values[field] = str(value)
+    return _PLACEHOLDER.sub(lambda m: values[m.group(0)[1:-1]], template)
+
+
+def _templates(*templates: str, **slots: list) -> Callable[[random.Random], str]:
+    """An input maker: one of ``templates`` at random, filled (``slots`` add or replace filler lists)."""
+    return lambda rng: _fill(rng, rng.choice(templates), slots)
+
+
+def _wrapped(wrappers: tuple[str, ...], sentences: list[str]) -> Callable[[random.Random], str]:
+    """An input maker: a filled sentence of ``sentences`` inside one of ``wrappers`` (its ``{s}``)."""
+    return lambda rng: rng.choice(wrappers).replace("{s}", _fill(rng, rng.choice(sentences)))
+
+
+def _ordinal(d: int) -> str:
+    return f"{d}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(d % 10 if d not in (11, 12, 13) else 0, 'th') }"
+
+
+def _multiple_choice(rng: random.Random) -> str:
+    cat, *others = rng.sample(sorted(_CATEGORIES), 4)
+    if rng.random() < 0.5:
+        question, options = f"Which of the following is a {cat}?", [rng.choice(_CATEGORIES[cat])]
+        options += [rng.choice(_CATEGORIES[o]) for o in others[:3]]
+    else:
+        question, options = f"Which of the following is not a {cat}?", rng.sample(_CATEGORIES[cat], 3)
+        options.append(rng.choice(_CATEGORIES[others[0]]))
+    rng.shuffle(options)
+    return question + "\n" + " ".join(f"({letter}) {o}" for letter, o in zip("ABCD", options))
+
+
+def _odd_one_out(rng: random.Random) -> str:
+    cat, other = rng.sample(sorted(_CATEGORIES), 2)
+    words = rng.sample(_CATEGORIES[cat], 3) + [rng.choice(_CATEGORIES[other])]
+    rng.shuffle(words)
+    form = rng.choice(("{w}", "Which word does not belong: {w}?", "Find the odd one out: {w}"))
+    return form.replace("{w}", ", ".join(words))
+
+
+def _sequence(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:  # constant step
+        start, step = rng.randint(1, 40), rng.randint(2, 12)
+        terms = [start + i * step for i in range(5)]
+    elif kind == 1:  # constant ratio
+        start, ratio = rng.randint(1, 6), rng.choice((2, 3))
+        terms = [start * ratio**i for i in range(5)]
+    elif kind == 2:  # consecutive squares
+        start = rng.randint(1, 9)
+        terms = [(start + i) ** 2 for i in range(5)]
+    else:  # the step grows by one each time
+        start, step = rng.randint(1, 20), rng.randint(1, 4)
+        terms = [start + step * i + i * (i - 1) // 2 for i in range(5)]
+    form = rng.choice(("{t}, ?", "What number comes next: {t}, ...?", "Complete the sequence: {t}, __"))
+    return form.replace("{t}", ", ".join(map(str, terms)))
+
+
+def _scrambled(rng: random.Random) -> str:
+    word = rng.choice(_LONG_WORDS)
+    letters = list(word)
+    while "".join(letters) == word:
+        rng.shuffle(letters)
+    form = rng.choice(("Unscramble: {s}", "{s}", "Rearrange the letters \"{s}\" to make an English word."))
+    return form.replace("{s}", "".join(letters))
+
+
+def _unit_conversion(rng: random.Random) -> str:
+    src, dst = rng.choice(_UNIT_PAIRS)
+    x = rng.choice((rng.randint(2, 500), round(rng.uniform(0.5, 50), 1)))
+    form = rng.choice(("Convert {x} {u} to {v}.", "How many {v} are in {x} {u}?", "{x} {u} = ? {v}"))
+    return form.replace("{x}", str(x)).replace("{u}", src).replace("{v}", dst)
+
+
+def _sql(rng: random.Random) -> str:
+    table, (numeric, text) = rng.choice(sorted(_TABLES.items()))
+    cols = ", ".join(numeric + text)
+    col = rng.choice(numeric)
+    bound = rng.randint(1960, 2020) if col.endswith("year") else rng.randint(10, 900)
+    want = rng.choice((
+        f"return every row where {col} is greater than {bound}",
+        f"count the rows for each {rng.choice(text)}",
+        f"return the {rng.randint(2, 9)} rows with the highest {rng.choice(numeric)}",
+        f"return the average {rng.choice(numeric)} for each {rng.choice(text)}",
+        f"list the distinct values of {rng.choice(text)} in alphabetical order",
+    ))
+    form = rng.choice(("Table {t}({c}). Write a query to {w}.", "Using the table {t}({c}), {w}.", "{t}({c}): {w}"))
+    return form.replace("{t}", table).replace("{c}", cols).replace("{w}", want)
+
+
+# Short paragraphs to summarise or give a title to.
+_PARAGRAPHS = [
+    "The town of {town} opened a new {place} on {weekday}. The building has {n} rooms and was paid for by local "
+    "families. The mayor said it will stay open late during the winter months, and entry is free until {month}.",
+    "{name}, a {job} from {city}, walked {n} kilometers to raise money for the {place} of {town}. The walk took "
+    "{k} days. Along the way, strangers offered {name} food and a place to sleep.",
+    "Engineers in {city} have built a {product} made of {material}. It weighs {n} grams and lasts twice as long as "
+    "older models. The team hopes to sell it in shops next {season}.",
+    "Heavy snow closed the roads around {town} on {weekday}, and the {event} planned for the weekend was moved to "
+    "{month}. Volunteers cleared the main street by the evening, and buses ran again the next day.",
+    "The {place} of {town} will lend {instrument}s to children for free this {season}. {name}, who runs the program, "
+    "says {n} families signed up in the first week and more instruments are on the way.",
+]
+
+# The families: group, name, definition (SuperNI-style, phrased differently from family to family), input maker.
+_FAMILIES_TABLE: list[tuple[str, str, str, Callable[[random.Random], str]]] = [
+    # -- question answering
+    ("qa", "geography_trivia",
+     "In this task, you are given a question about the geography of a country. Your job is to answer it with a "
+     "short, factual answer.",
+     _templates("On which continent is {country}?", "What is the official currency of {country}?",
+                "Which language is most widely spoken in {country}?", "What is the largest city in {country}?",
+                "Which countries share a border with {country}?", "Does {country} have a coastline?")),
+    ("qa", "general_trivia",
+     "You will be asked a general-knowledge question. Answer it in a few words.",
+     _templates("Who invented the {invention}?", "In which century was the {invention} invented?",
+                "What is the main ingredient of {dish}?", "Which country does {dish} come from?",
+                "How many players does a {sport} team have on the field?", "Where was {sport} first played?",
+                invention=["telephone", "light bulb", "printing press", "steam engine", "telescope", "bicycle",
+                           "radio", "microwave oven", "typewriter", "sewing machine"],
+                dish=["paella", "sushi", "goulash", "hummus", "risotto", "pierogi", "ceviche", "moussaka",
+                      "falafel", "ramen"],
+                sport=["volleyball", "rugby", "water polo", "basketball", "cricket", "ice hockey", "handball"])),
+    ("qa", "reading_comprehension",
+     "In this task, you are given a short passage followed by a question about it. Your job is to answer the "
+     "question using only the information in the passage.",
+     _templates(*(f"Passage: {p}\nQuestion: {q}" for p, qs in (
+         ("{name} moved to {city} in {year} to work as a {job}. Every {weekday}, {name} goes to the {place} and "
+          "stays for about {n} minutes. Last {season}, {name} started learning the {instrument}.",
+          ("In which year did {name} move to {city}?", "Where does {name} go every {weekday}?",
+           "Which instrument is {name} learning?", "How long does {name} stay at the {place}?",
+           "What is {name}'s job?")),
+         ("The {place} in {town} opened in {year}. It has {n} rooms and is closed on {weekday}s. Most visitors "
+          "arrive by {transport}, and a guided tour costs {price} dollars.",
+          ("When did the {place} open?", "On which day is the {place} closed?", "How do most visitors arrive?",
+           "How much does a guided tour cost?")),
+     ) for q in qs))),
+    ("qa", "yes_no_reading",
+     "Read the passage and the question. Answer \"yes\" or \"no\" according to the passage.",
+     _templates(*(f"{p}\nQuestion: {q}" for p, qs in (
+         ("{name} has worked as a {job} in {city} since {year}. On weekends {name} plays the {instrument} in a "
+          "small band.", ("Does {name} work as a {job2}?", "Does {name} live in {city}?",
+                          "Does {name} play the {instrument2}?", "Has {name} been a {job} since {year}?")),
+         ("The {transport} to {town} leaves every {k} minutes from the {place}, except on {weekday}s.",
+          ("Does the {transport} run on {weekday}s?", "Does the {transport} leave from the {place2}?",
+           "Does the {transport} leave every {k} minutes?")),
+     ) for q in qs))),
+    ("qa", "multiple_choice",
+     "You are given a multiple-choice question with four options labelled A to D. Pick the correct option and "
+     "answer with its letter.",
+     _multiple_choice),
+    ("qa", "fill_in_the_blank",
+     "Given a sentence with a missing word shown as ____, fill in the blank with the word that fits best.",
+     _templates("{name} put the {food} in the ____ to keep it cold.",
+                "The {job} unlocked the door of the {place} with a ____.",
+                "After the long run, {name} drank a big glass of ____.",
+                "{name} took an ____ because the sky over {city} was full of dark clouds.",
+                "To cross the river to {town}, {name} took the ____.",
+                "The {instrument} player tuned her ____ before the {event}.")),
+    # -- arithmetic word problems and conversions
+    ("math", "word_problem",
+     "In this task you need to solve a math word problem. Work out the answer and give the final number.",
+     _templates("{name} has {n} {item}. {name2} gives {name} {k} bags with {k2} {item} in each. How many {item} "
+                "does {name} have now?",
+                "A {transport} travels at {n} kilometers per hour. How far does it go in {k} hours?",
+                "{name} shares {price} {item} equally among {k} friends. How many does each friend get, and how "
+                "many are left over?",
+                "A ticket to the {place} costs {n} dollars. How much do {k} tickets cost?",
+                "{name} reads {k} pages a day. How many days does it take to finish a book of {price} pages?",
+                "A train leaves {city} at {hour}:15 and the trip takes {n} minutes. At what time does it arrive?")),
+    ("math", "percentages",
+     "Solve the following problem about percentages. Show the result as a number.",
+     _templates("A {product} costs {price} dollars and is sold at {pct}% off. What is the new price?",
+                "Out of {price} students, {pct}% passed the exam. How many students passed?",
+                "A town had {price}00 people last year and grew by {pct}%. How many people live there now?",
+                "{name} earns {price} dollars a week and saves {pct}% of it. How much does {name} save in {k} "
+                "weeks?")),
+    ("math", "unit_conversion",
+     "Convert the quantity in the input into the requested unit. Round the result to two decimal places.",
+     _unit_conversion),
+    ("math", "date_format",
+     "In this task, you are given a date written in words. Your job is to rewrite it in the format DD/MM/YYYY.",
+     _templates("{month} {day}, {year}", "the {ordinal} of {month} {year}", "{weekday}, {day} {month} {year}",
+                "{month} {ordinal}, {year}",
+                ordinal=[_ordinal(d) for d in range(1, 29)])),
+    ("math", "calendar_reasoning",
+     "Answer the question about days and dates. Give only the answer.",
+     _templates("If today is {weekday}, what day of the week will it be in {n} days?",
+                "What day of the week was it {n} days before a {weekday}?",
+                "How many days are there from {month} {day} to {month2} {day2} of the same year?",
+                "Was {year} a leap year?", "How many weeks and days are there in {price} days?")),
+    # -- code
+    ("code", "write_function",
+     "You are given a description of a small program. Write the code in the requested programming language.",
+     _templates("Write a {lang} function that {spec}.", "In {lang}: {spec_noun}.", "{lang} function: {spec_noun}",
+                spec=["returns the largest value in a list", "checks whether a string is a palindrome",
+                      "counts the vowels in a string", "merges two sorted lists",
+                      "removes duplicates from a list while keeping the order", "returns the n-th Fibonacci number",
+                      "converts Celsius to Fahrenheit", "counts the lines of a text file",
+                      "checks whether a year is a leap year", "flattens a nested list"],
+                spec_noun=["a stack with push and pop", "binary search over a sorted array",
+                           "a word counter for a paragraph", "a function that validates a postal code",
+                           "a timer that prints elapsed seconds", "a function that rotates a list by k places"])),
+    ("code", "explain_code",
+     "In this task, you are shown a short piece of code. Your job is to explain in plain English what it does.",
+     _templates("def {fn}(xs):\n    return [x * {k} for x in xs if x > {n}]",
+                "total = 0\nfor i in range({n}):\n    if i % {k} == 0:\n        total += i\nprint(total)",
+                "const {fn} = (a) => a.filter(x => x % {k} === 0).length;",
+                "SELECT name FROM {table} WHERE id > {n} ORDER BY name;",
+                "What does this code do?\n{var} = sorted(words, key=len)[-{k}:]",
+                "Explain this line: {var} = {w: len(w) for w in text.split() if len(w) > {k}}")),
+    ("code", "fix_bug",
+     "The following code has a bug. Find it and give the corrected code.",
+     _templates("def {fn}(a, b)\n    return a * b",
+                "for i in range({n})\n    print(i)",
+                "def {fn}(xs):\n    {var} = 0\n    for x in xs:\n        {var} += x\n    return {var}s",
+                "if {var} = {n}:\n    print('done')",
+                "print('The count is ' + {n})",
+                "let {var} = [1, 2, 3\nconsole.log({var}.length);",
+                "Why does this fail? while {var} < {n}: {var} == {var} * 2")),
+    ("code", "sql_query",
+     "Given a table and a request, write the SQL query that answers the request.",
+     _sql),
+    # -- translation
+    ("translation", "to_spanish",
+     "In this task, you are given a sentence in English. Your job is to translate it into Spanish.",
+     _wrapped(("{s}", "English: {s}", 'How do you say "{s}" in Spanish?'), _ENGLISH)),
+    ("translation", "to_french",
+     "Translate the given English sentence into French, keeping names unchanged.",
+     _wrapped(("{s}", "{s} (to French)", 'Say "{s}" in French.'), _ENGLISH)),
+    ("translation", "to_german",
+     "You are given an English sentence. Provide its German translation.",
+     _wrapped(("{s}", "EN: {s}\nDE:", 'German for "{s}"?'), _ENGLISH)),
+    ("translation", "to_english",
+     "The input is a sentence in a European language other than English. Translate it into English.",
+     _wrapped(("{s}", "Translate: {s}", 'What does "{s}" mean?'), _FOREIGN)),
+    # -- information extraction
+    ("extraction", "person_names",
+     "Given a sentence, list the names of all the people it mentions, separated by commas.",
+     _templates("{name} and {name2} met {name3} at the {place} in {city}.",
+                "Yesterday {name} called {name2} to talk about the {event}.",
+                "The {doc} was written by {name} {surname} and checked by {name2}.",
+                "At the {event}, {title} {surname} thanked {name} and {name2} for their help.")),
+    ("extraction", "dates",
+     "In this task, you are given a sentence. Extract every date that appears in it.",
+     _templates("The {event} planned for {month} {day}, {year} has been moved to {month2} {day2}.",
+                "{name} was born on {day} {month} {year} and moved to {city} in {year2}.",
+                "Applications open on {month} {day} and close on {month2} {day2}.",
+                "The {place} was closed from {day} {month} to {day2} {month2} {year}.")),
+    ("extraction", "emails",
+     "Find all e-mail addresses in the text and write them one per line.",
+     _templates("Please send the {doc} to {user}@{domain}.com before {weekday}.",
+                "For questions, write to {user}@{domain}.org or visit the {place}.",
+                "Contact {name} at {user}@{domain}.net, or {user2}@{domain2}.com if it is urgent.",
+                "Reply-to: {user}@{domain}.io. Subject: {doc} for {month}")),
+    ("extraction", "numbers",
+     "You are given a sentence. Your task is to extract all the numbers in it, in the order they appear.",
+     _templates("The {place} sold {n} tickets on {weekday} and {price} on {weekday2}.",
+                "Our group of {k} people walked {n} kilometers in {k2} hours.",
+                "The {product} costs {price} dollars and weighs {n}0 grams.",
+                "{name} planted {n} trees in {year} and another {k} the year after.")),
+    # -- classification
+    ("classification", "topic",
+     "Classify the sentence into one of these topics: sports, technology, health, food, travel, finance.",
+     _templates("The {city} team won the final after a penalty shootout.",
+                "The new phone update adds a battery saving mode and a faster camera.",
+                "Doctors recommend walking at least {n} minutes a day.",
+                "This {food} recipe needs only {k} ingredients and takes {n} minutes.",
+                "Flights from {city} to {city2} will be cheaper this {season}.",
+                "The central bank raised interest rates by {k} tenths of a percent.",
+                "{name} ran the {city} marathon in under {k} hours.")),
+    ("classification", "spam",
+     "In this task, you are given a text message. Decide whether it is spam or not spam.",
+     _templates("Congratulations {name}! You have won a free {product}. Click the link to claim it now.",
+                "Hi {name}, the meeting about the {doc} is moved to {weekday} at {hour}.",
+                "URGENT: your account will be closed today. Send your password to {user}@{domain}.com.",
+                "Can you pick up some {food} on the way home?",
+                "Earn {price}00 dollars a week from home! No experience needed. Reply YES.",
+                "The {place} called: your order is ready for pickup.")),
+    ("classification", "language_id",
+     "Identify the language the given sentence is written in.",
+     _wrapped(("{s}", "Which language is this? {s}"), _FOREIGN + _ENGLISH[:4])),
+    ("classification", "formality",
+     "You are given a sentence. Label it as formal or informal.",
+     _templates("Dear {title} {surname}, I would be grateful if you could send me the {doc}.",
+                "hey {name}, u coming to the {place} later?",
+                "Please find attached the {doc} for your review.",
+                "lol the {transport} was late again, see u at {hour}",
+                "We regret to inform you that the {event} has been postponed.",
+                "gimme a sec, grabbing some {food}")),
+    ("classification", "question_or_statement",
+     "Decide whether the given sentence is a question or a statement. Punctuation has been removed.",
+     _templates("The {place} is closed on {weekday}s", "Is the {place} closed on {weekday}s",
+                "Did {name} finish the {doc}", "{name} finished the {doc} on {weekday}",
+                "Where does the {transport} to {city} leave from", "The {transport} to {city} leaves at {hour}")),
+    # -- rewriting
+    ("rewriting", "passive_voice",
+     "Rewrite the given sentence in the passive voice without changing its meaning.",
+     _templates("{name} painted the {color} fence.", "The {job} repaired the old {product}.",
+                "The committee will announce the results on {weekday}.",
+                "{name} has written {k} letters to the {place}.", "The storm damaged the roof of the {place}.")),
+    ("rewriting", "grammar_fix",
+     "In this task, the input sentence contains grammar mistakes. Your job is to correct them.",
+     _templates("{name} don't like {food}.", "They was at the {place} yesterday.",
+                "She have {k} {item} in her bag.", "Me and {name} goes to {city} every {season}.",
+                "The {product} are broke since {weekday}.", "{name} have went to the {place} already.")),
+    ("rewriting", "paraphrase",
+     "Paraphrase the given sentence: say the same thing with different words.",
+     _templates("Because the {place} was crowded, {name} decided to come back on {weekday}.",
+                "The {event} was a great success thanks to the volunteers from {town}.",
+                "{name} rarely takes the {transport}, preferring to walk to the {place}.",
+                "It took {name} {k} weeks to learn the basics of the {instrument}.")),
+    ("rewriting", "simplify",
+     "Rewrite the sentence so that a young child could understand it. Use short, simple words.",
+     _templates("Notwithstanding the inclement weather, the {event} in {city} proceeded as scheduled.",
+                "{name} endeavoured to ascertain the whereabouts of the missing {product}.",
+                "The municipal authorities of {town} have postponed the renovation of the {place} indefinitely.",
+                "Consumption of {food} in moderation is considered beneficial for one's wellbeing.")),
+    ("rewriting", "make_formal",
+     "You are given an informal message. Rewrite it in a polite, formal style.",
+     _templates("gonna be late, the {transport} is stuck again", "can u send me the {doc} asap?",
+                "thx for the {food}, it was awesome", "yo {name}, where's the {doc} from {weekday}?",
+                "sorry, can't make it to the {event}, something came up")),
+    # -- dialogue
+    ("dialogue", "reply",
+     "In this task, you are given a message someone received. Write a short, friendly reply to it.",
+     _templates("Hi! Are you free on {weekday} to help me move the {furniture}?",
+                "Could you review the {doc} before {weekday}?",
+                "We're going to {city} in {month}. Want to join us?",
+                "Thanks again for lending me your {product}! When do you need it back?",
+                "Is the {event} still happening on {weekday}?")),
+    ("dialogue", "continue_conversation",
+     "Continue the conversation: write the next line for the last speaker.",
+     _templates("A: Have you ever been to {city}?\nB: Once, in {year}. Why?\nA:",
+                "Customer: My {product} stopped working after {k} days.\nAgent:",
+                "A: I can't find my {product} anywhere.\nB: Did you check the {place}?\nA:",
+                "Guest: Do you have a table for {k} tonight?\nHost:",
+                "A: What are you doing on {weekday}?\nB: Probably going to the {place}.\nA:")),
+    # -- summarisation
+    ("summarisation", "one_sentence_summary",
+     "Given a short paragraph, write a one-sentence summary of it.",
+     _wrapped(("{s}", "Summarize in one sentence: {s}"), _PARAGRAPHS)),
+    ("summarisation", "title",
+     "In this task, you are given a short news paragraph. Your job is to write a fitting headline for it.",
+     _wrapped(("{s}", "Article: {s}\nHeadline:"), _PARAGRAPHS)),
+    # -- formatting
+    ("formatting", "bulleted_list",
+     "Turn the items mentioned in the input into a bulleted list, one item per line.",
+     _templates("For the trip we need {food}, {food2}, a {product} and a {product2}.",
+                "Ingredients: {food}, {food2}, {food3} and salt.",
+                "Today's tasks: call {name}, send the {doc}, and book the {transport} to {city}.")),
+    ("formatting", "to_json",
+     "Convert the record in the input into a JSON object with one key per field.",
+     _templates("Name: {name} {surname}, age: {n}, city: {city}, job: {job}",
+                "product={product}; price={price}; color={color}; material={material}",
+                "{title} {surname} | {place} | {weekday} {hour}:00",
+                "title: {doc}, owner: {name}, due: {month} {day}")),
+    ("formatting", "alphabetical_order",
+     "You are given a list of names. Sort them in alphabetical order and return the sorted list.",
+     _templates("{name}, {name2}, {name3}, {name4}, {name5}", "{city}; {city2}; {city3}; {city4}",
+                "Sort: {country}, {country2}, {country3}, {country4}")),
+    # -- word games
+    ("word_games", "rhyme",
+     "Given a word, reply with another English word that rhymes with it.",
+     _templates("{rw}", "Give me a rhyme for \"{rw}\".", "What rhymes with {rw}?",
+                rw=["cat", "moon", "night", "bake", "stone", "rain", "king", "blue", "star", "bell", "fox", "cake",
+                    "tree", "goat", "chair", "ring"])),
+    ("word_games", "plural",
+     "In this task, you are given an English noun. Your job is to write its plural form.",
+     _templates("Noun: {noun}", "What is the plural of \"{noun}\"?", "one {noun}, two ...?",
+                noun=["goose", "mouse", "child", "leaf", "knife", "cactus", "tooth", "wolf", "city", "box", "hero",
+                      "sheep", "potato", "person", "woman", "crisis", "fungus", "ox"])),
+    ("word_games", "letter_count",
+     "Count how many letters (or, when asked, vowels) the given word has.",
+     _templates("How many letters does the word \"{lw}\" have?", "Count the vowels in \"{lw}\".",
+                "Number of letters in {lw}?", lw=_LONG_WORDS)),
+    ("word_games", "reverse",
+     "Reverse the input: the letters of a word, or the order of the words of a sentence.",
+     _templates("Spell \"{lw}\" backwards.", "Reverse the letters: {lw}",
+                "Reverse the word order: {name} visited {city} in {month}.",
+                "Write the sentence backwards, word by word: the {place} opens on {weekday}.", lw=_LONG_WORDS)),
+    ("word_games", "unscramble",
+     "The letters of an English word have been shuffled. Find the word.",
+     _scrambled),
+    # -- reasoning
+    ("reasoning", "odd_one_out",
+     "Given four words, find the one that does not belong with the others.",
+     _odd_one_out),
+    ("reasoning", "sequence_completion",
+     "In this task, you are given the start of a number sequence. Your job is to find the next number.",
+     _sequence),
+    ("reasoning", "comparison",
+     "Read the statements and answer the question that follows them.",
+     _templates("{name} is older than {name2}, and {name2} is older than {name3}. Who is the youngest?",
+                "{name} runs faster than {name2} but slower than {name3}. Who is the fastest?",
+                "The {product} weighs more than the {product2}, and the {product3} weighs more than the "
+                "{product}. Which is the heaviest?",
+                "A box of {item} costs {n} dollars for {k}0 pieces; another costs {price} dollars for {k2}00. "
+                "Which is cheaper per piece?")),
+    # -- generation
+    ("generation", "slogan",
+     "Write a short, catchy slogan for the product or business described in the input.",
+     _templates("Product: {product}. Audience: {audience}.", "A {color} {product} made of {material}",
+                "A {place} in {town} that opens at {hour} every morning",
+                audience=["students", "hikers", "parents", "office workers", "cyclists", "retirees"])),
+    ("generation", "email",
+     "In this task you are given a recipient and a topic. Write a short e-mail to that recipient about it.",
+     _templates("To: {recipient}. Topic: {topic}.", "Write to {recipient} about {topic}.",
+                recipient=["my landlord", "a hiring manager", "the school principal", "a customer", "my team",
+                           "the neighbours", "a hotel manager"],
+                topic=["a broken heater", "an interview next week", "a late delivery", "the holiday schedule",
+                       "a noisy party", "a room booking", "the new office hours", "a lost package"])),
+    ("generation", "story_opening",
+     "Write the first two sentences of a story based on the given idea.",
+     _templates("A {character} who {plot}.", "Story idea: a {character} {plot} in {town}.",
+                character=["retired lighthouse keeper", "young baker", "lost robot", "night-shift nurse",
+                           "stubborn goat", "shy dragon", "museum guard", "travelling musician"],
+                plot=["finds a map under the floorboards", "wakes up with no memory", "wins an unexpected prize",
+                      "receives a letter from the future", "must deliver a secret package"])),
+    ("generation", "product_description",
+     "Given some facts about a product, write a two-sentence description for an online shop.",
+     _templates("{product}; {material}; {color}; {price} dollars", "Item: {product}. Made of {material}. Price: "
+                "{price} dollars.", "Describe a {color} {product} for {audience}.",
+                audience=["children", "travellers", "runners", "home cooks", "students"])),
+]
+
+
+@dataclass(frozen=True)
+class InstructionFamily:
+    """One task family of the instruction pool: its type (``group``), its name, its SuperNI-style definition and
+    ``make``, which draws one input from a ``random.Random``."""
+
+    group: str
+    name: str
+    definition: str
+    make: Callable[[random.Random], str]
+
+
+INSTRUCTION_FAMILIES: tuple[InstructionFamily, ...] = tuple(InstructionFamily(*row) for row in _FAMILIES_TABLE)
+POOL_PER_FAMILY = 10  # queries per family in the whole pool: 5 with the definition, 5 input-only
+_MAX_DRAWS = 1000  # draws of one family before it is declared out of distinct inputs
+
+
+def instruction_pool_labelled(n: int | None = None, seed: int = 0) -> list[tuple[str, Query]]:
+    """``instruction_pool`` with each query's family name: ``[(family, query), ...]``."""
+    fams = INSTRUCTION_FAMILIES
+    rounds = POOL_PER_FAMILY if n is None else max(POOL_PER_FAMILY, -(-n // len(fams)))
+    rng = random.Random(f"instructions:{seed}")
+    seen: set[str] = set()
+    out = []
+    # Round after round, one query of every family: a prefix covers the families evenly and stays the same
+    # whatever the number of rounds.
+    for r in range(rounds):
+        for f, fam in enumerate(fams):
+            for _ in range(_MAX_DRAWS):
+                text = fam.make(rng)
+                if text not in seen:
+                    break
+            else:
+                raise ValueError(f"instruction family {fam.name!r} has no new input left after {len(seen)} queries")
+            seen.add(text)
+            # alternate between families and between rounds: every family appears in both forms, half and half
+            with_definition = (r + f) % 2 == 0
+            out.append((fam.name, Query(text, fam.definition if with_definition else None)))
+    return out if n is None else out[:n]
+
+
+def instruction_pool(n: int | None = None, seed: int = 0) -> list[Query]:
+    """Instruction-style queries of the families of ``INSTRUCTION_FAMILIES``, every input distinct; half carry the
+    family's definition and half are input-only, as the experts' own training prompts are written, half and half
+    inside every family.
+
+    ``n=None``: the whole pool, ``POOL_PER_FAMILY`` queries per family. ``n=k``: the first ``k`` queries of the
+    round-robin order (one query per family, then the next round), so any ``k`` covers the families as evenly as it
+    can; ``k`` up to the whole pool's size gives a subset of the whole pool, a larger ``k`` adds rounds
+    (``ValueError`` once a family has no new input left). The same ``(n, seed)`` always gives the same queries."""
+    return [q for _, q in instruction_pool_labelled(n, seed)]
+
+
+def default_pool(seed: int = 0) -> list[Query]:
+    """The default general pool of the add-expert job and of the demo: 64 chat requests (``general_pool``) followed
+    by the whole instruction pool (``instruction_pool``), so that every expert learns to reject both questions and
+    tasks of other families."""
+    return general_pool(n=64, seed=seed) + instruction_pool(seed=seed)
+
+
 def builtin_pool(kind: str, per_task: int) -> list[Query]:
-    """The general pool that ``see-ray bench quality --general-pool-tasks KIND`` uses, as many queries as two pool
-    tasks of ``per_task`` queries each would give: ``builtin`` is chat requests only, ``builtin-instructions`` half
-    of them and half instruction-style tasks of other families."""
+    """The general pool that ``see-ray bench quality --general-pool-tasks KIND`` uses. ``builtin`` and
+    ``builtin-instructions`` have as many queries as two pool tasks of ``per_task`` queries each would give:
+    ``builtin`` is chat requests only, ``builtin-instructions`` half of them and half queries of the 16 older
+    instruction families (``_INSTRUCTION_TASKS``, as the published runs used them). ``default`` is ``default_pool()``
+    and ignores ``per_task``."""
     if kind == "builtin":
         return general_pool(n=2 * per_task)
     if kind == "builtin-instructions":
-        return general_pool(n=per_task) + instruction_pool(n=per_task)
-    raise ValueError(f"unknown built-in pool {kind!r}: 'builtin' or 'builtin-instructions'")
+        return general_pool(n=per_task) + _instruction_pool_16(n=per_task)
+    if kind == "default":
+        return default_pool()
+    raise ValueError(f"unknown built-in pool {kind!r}: 'builtin', 'builtin-instructions' or 'default'")
 
 
 def unrelated_queries() -> list[Query]:
-    """A handful of queries the demo asks that no expert was trained on and that the pool does not hold."""
+    """A handful of queries the demo asks that no expert was trained on and that the default pool does not hold:
+    three chat requests and four client-style requests of instruction families of the pool, with inputs that are
+    not in it and no definition."""
     return [
         Query("What is the largest planet in the solar system?"),
         Query("Write one sentence about autumn leaves."),
         Query("List three colors of the rainbow."),
+        Query("Translate into Spanish: the library opens at nine."),
+        Query("Which topic is this headline about: city council approves new bike lanes downtown?"),
+        Query("Write a JavaScript function that returns the average of an array of numbers."),
+        Query("Find the email address in this sentence: for refunds, contact help@shop.example."),
     ]

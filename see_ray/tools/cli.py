@@ -76,12 +76,12 @@ def cmd_demo(args) -> int:
 
 def _demo_in_process(args) -> int:
     """The demo without Ray: one process trains the experts and routes (the SEE method alone)."""
-    from see_ray.tools.builtin import demo_tasks, general_pool
+    from see_ray.tools.builtin import default_pool, demo_tasks
     from see_ray.tools.demo import demo_queries
     from see_ray.core.expert import SEEModel
     from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
     from see_ray.core.router import Router
-    from see_ray.core.routing import ExpertSpec, calibrate_threshold, calibration_queries
+    from see_ray.core.routing import ExpertSpec, calibrate_on_held_out
     from see_ray.core.trainer import train_adapter
 
     cfg = _load_config(args, DEMO_DEFAULTS)
@@ -89,9 +89,9 @@ def _demo_in_process(args) -> int:
     t0 = time.perf_counter()
     print(f"[1/3] loading base model {cfg.model.name_or_path}", flush=True)
     model = SEEModel(cfg)
-    tasks, pool = demo_tasks(n=args.train_per_task), general_pool()
+    tasks, pool = demo_tasks(n=args.train_per_task), default_pool()
     buffer, experts = RehearsalBuffer.empty(), []
-    print(f"[2/3] training {len(tasks)} experts ({cfg.training.steps} steps each), newest asked first", flush=True)
+    print(f"[2/3] training {len(tasks)} experts ({cfg.training.budget()} each), newest asked first", flush=True)
     for task in tasks:
         examples = reconstruct(task, buffer, pool, cfg.rehearsal)
         n_neg = sum(e.indicator == "reject" for e in examples)
@@ -99,8 +99,7 @@ def _demo_in_process(args) -> int:
         path = out / "adapters" / task.name
         stats = train_adapter(examples, cfg, model.model_path, path, meta={"name": task.name, "task": task.name})
         model.load_adapter(task.name, path)
-        dev = calibration_queries(task, cfg.rehearsal.input_only_share)
-        thr = calibrate_threshold(model.decide(dev, task.name), cfg.routing)
+        thr = calibrate_on_held_out(lambda qs: model.decide(qs, task.name), task, buffer, pool, cfg).calibration.threshold
         experts.append(ExpertSpec(task.name, task.name, str(path), thr))
         buffer.add_task(task, cfg.rehearsal)
         print(f"    loss {stats['first_loss']:.2f} -> {stats['final_loss']:.2f}, {stats['train_s']:.0f} s, threshold {thr:.2f}", flush=True)
@@ -126,24 +125,37 @@ def _demo_in_process(args) -> int:
 # --general-pool-tasks values that name a built-in pool, and how the report lists them
 BUILTIN_POOLS = {
     "builtin": "builtin (see_ray.tools.builtin.general_pool)",
-    "builtin-instructions": "builtin-instructions (see_ray.tools.builtin.general_pool + instruction_pool)",
+    "builtin-instructions": "builtin-instructions (see_ray.tools.builtin.general_pool + 16 instruction families)",
+    "default": "default (see_ray.tools.builtin.default_pool: the add-expert job's default pool)",
 }
 
 
-def cmd_bench_quality(args) -> int:
-    from see_ray.tools.bench import METHODS, QualityBench, machine_description, write_report
-    from see_ray.core.data import load_benchmark
+def prepare_quality_bench(args):
+    """The benchmark ``see-ray bench quality ARGS`` runs: (QualityBench, the report's facts about its data, the
+    methods asked for). Also used by benchmarks/second_signal.py, which re-evaluates a run's experts."""
+    from see_ray.tools.bench import METHODS, QualityBench
+    from see_ray.core.data import TaskDataError, load_benchmark, load_task
     from see_ray.core.rehearsal import general_pool_from_tasks
 
     cfg = _load_config(args)
     all_tasks = load_benchmark(args.data)
     names = [t.name for t in all_tasks]
-    seq = all_tasks[: args.tasks]
-    rest = all_tasks[args.tasks :]
+
+    def known(flag: str, chosen: list[str]) -> None:
+        for n in chosen:
+            if n not in names:
+                raise SystemExit(f"{flag}: unknown task {n!r}")
+
+    # --holdout: taken out of the order before the sequence is formed, and the unknown tasks of the OOD figures
+    holdout = args.holdout.split(",") if args.holdout else []
+    known("--holdout", holdout)
+    ordered = [t for t in all_tasks if t.name not in holdout]
+    seq = ordered[: args.tasks]
+    rest = ordered[args.tasks :]
     # "builtin": the generic requests of see_ray.tools.builtin.general_pool, so that every task of the benchmark can be in
     # the sequence or held out as OOD (with all 10 SuperNI-CL tasks used, no task is left to serve as the pool);
-    # "builtin-instructions": half of them, half instruction-style requests of other task families
-    # (see_ray.tools.builtin.instruction_pool), so that experts also learn to reject tasks, not only questions.
+    # "builtin-instructions": half of them, half instruction-style requests of other task families;
+    # "default": the add-expert job's default pool (chat + a few hundred instruction-style requests).
     builtin_pool = args.general_pool_tasks in BUILTIN_POOLS
     if builtin_pool:
         pool_names = []
@@ -151,16 +163,9 @@ def cmd_bench_quality(args) -> int:
         pool_names = args.general_pool_tasks.split(",")
     else:
         pool_names = [t.name for t in rest[:2]]
-
-    def known(flag: str, chosen: list[str]) -> None:
-        for n in chosen:
-            if n not in names:
-                raise SystemExit(f"{flag}: unknown task {n!r}")
-
     known("--general-pool-tasks", pool_names)
-    ood_names = (
-        args.ood_tasks.split(",") if args.ood_tasks else [t.name for t in rest if t.name not in pool_names]
-    )
+    ood_names = args.ood_tasks.split(",") if args.ood_tasks else (
+        holdout or [t.name for t in rest if t.name not in pool_names])
     known("--ood-tasks", ood_names)
     seq_names = {t.name for t in seq}
     for n in ood_names:
@@ -175,6 +180,21 @@ def cmd_bench_quality(args) -> int:
         pool = make_builtin_pool(args.general_pool_tasks, args.pool_per_task)
     else:
         pool = general_pool_from_tasks([by_name[n].subsample(**sub) for n in pool_names], per_task=args.pool_per_task)
+    # --pool-dir: task-shaped general negatives, every task file of a folder (e.g. ../shared/data/superni-pool)
+    pool_dir_tasks = []
+    if args.pool_dir:
+        files = sorted(Path(args.pool_dir).glob("*.json*"))
+        if not files:
+            raise SystemExit(f"--pool-dir: no task files (*.json, *.jsonl) in {args.pool_dir}")
+        try:
+            extra = [load_task(f) for f in files]
+        except TaskDataError as e:
+            raise SystemExit(f"--pool-dir: {e}") from None
+        clash = [t.name for t in extra if t.name in names]
+        if clash:
+            raise SystemExit(f"--pool-dir: {clash} are benchmark tasks; a probe or sequence task is never a negative")
+        pool_dir_tasks = [t.name for t in extra]
+        pool = pool + general_pool_from_tasks(extra, per_task=args.pool_per_task)
     ood = [by_name[n].subsample(**sub) for n in ood_names]
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     bad = [m for m in methods if m not in METHODS]
@@ -184,7 +204,26 @@ def cmd_bench_quality(args) -> int:
     reuse = Path(args.reuse_adapters) if args.reuse_adapters else None
     if reuse is not None and not reuse.is_dir():
         raise SystemExit(f"--reuse-adapters: {reuse} is not a folder")
-    bench = QualityBench(seq, pool, ood, cfg, out, reuse_adapters=reuse)
+    from see_ray.core.model import cache_root
+
+    cache = None if args.no_cache else Path(args.cache) if args.cache else cache_root() / "bench"
+    bench = QualityBench(seq, pool, ood, cfg, out, reuse_adapters=reuse, cache_dir=cache)
+    facts = {
+        "tasks": [t.name for t in seq],
+        "general_pool_tasks": ([BUILTIN_POOLS[args.general_pool_tasks]] if builtin_pool else pool_names) + pool_dir_tasks,
+        "general_pool_size": len(pool),
+        "ood_tasks": ood_names,
+        "subsample": sub,
+        "config": cfg.model_dump(mode="json"),
+    }
+    return bench, facts, methods
+
+
+def cmd_bench_quality(args) -> int:
+    from see_ray.tools.bench import machine_description, write_report
+
+    bench, facts, methods = prepare_quality_bench(args)
+    out = bench.out
     t0 = time.perf_counter()
 
     def report(res: dict, complete: bool = False) -> None:
@@ -192,14 +231,14 @@ def cmd_bench_quality(args) -> int:
             "command": "see-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "machine": machine_description(),
             "complete": complete,
-            "tasks": [t.name for t in seq],
-            "general_pool_tasks": [BUILTIN_POOLS[args.general_pool_tasks]] if builtin_pool else pool_names,
-            "ood_tasks": ood_names,
-            "subsample": sub,
-            "config": cfg.model_dump(mode="json"),
+            **facts,
             "methods": res,
-            "timings_s": {**bench.timings, "total": time.perf_counter() - t0},
+            "timings_s": {**bench.timings, "training": bench.train_s, "total": time.perf_counter() - t0},
+            "adapters_from_cache": list(bench.cached_adapters),
         }
+        if "SEE" in res:
+            result["eval_wall_s"] = res["SEE"].get("eval_wall_s")
+            result["ood"] = {**res["SEE"]["ood"], "protocol": args.protocol_name or None}
         if bench.reused:
             result["reused_adapters"] = dict(bench.reused)
         write_report(result, out)
@@ -252,7 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "'builtin-instructions' for half generic requests, half instruction-style tasks of other families")
     q.add_argument("--pool-per-task", type=int, default=32,
                    help="general-pool queries per pool task (builtin pools: twice this many in all)")
-    q.add_argument("--ood-tasks", help="comma-separated tasks for the OOD figures (default: all remaining)")
+    q.add_argument("--ood-tasks", help="comma-separated tasks for the OOD figures (default: the --holdout tasks, "
+                   "else all remaining)")
+    q.add_argument("--holdout", help="comma-separated benchmark tasks taken out of the order before the sequence is "
+                   "formed: never trained on, never negatives; they are the unknown tasks of the OOD figures")
+    q.add_argument("--pool-dir", help="a folder of task files (e.g. ../shared/data/superni-pool) added to the general "
+                   "pool as task-shaped negatives, --pool-per-task queries each; none may be a benchmark task")
+    q.add_argument("--protocol-name", help="name of the protocol, recorded in the report's 'ood' section")
+    q.add_argument("--cache", help="where decisions, answers and trained adapters are kept across runs "
+                   "(see_ray/tools/eval_cache.py; default: bench/ under the see-ray cache folder)")
+    q.add_argument("--no-cache", action="store_true", help="compute everything in this run, keep nothing")
     q.add_argument("--methods", help=f"comma-separated subset of {','.join(('SEE', 'SeqFT', 'Replay', 'MTL', 'Oracle'))}")
     q.add_argument("--out", default="see-ray-output/quality", help="output folder")
     q.add_argument("--reuse-adapters", metavar="DIR",

@@ -126,6 +126,7 @@ def run_serve_demo(
     num_cpus: int | None = None,
     keep_serving: bool = False,
     threads: int | None = None,
+    general_pool: str | None = None,
     log=print,
 ) -> dict:
     """Run the demo; returns {"url", "results": [{query, expected, expert, answer, trace, ok}], "correct", ...}.
@@ -134,7 +135,8 @@ def run_serve_demo(
     unless ``keep_serving``). None: start a local Ray on 127.0.0.1 and shut it down at the end (with
     ``keep_serving`` the call blocks, serving, until interrupted). ``threads``: torch threads of this process
     for the job's validation step (default: the cores Ray may use here). ``min_accept``/``min_reject``: the
-    job's validation bars (default: the job's own).
+    job's validation bars (default: the job's own). ``general_pool``: the jobs' ``--general-pool`` file (default:
+    the job's built-in pool).
     """
     import ray
 
@@ -177,7 +179,7 @@ def run_serve_demo(
     torch_threads = torch.get_num_threads()  # the job sets this process's threads for validation
     try:
         log(f"[2/5] training {len(tasks)} experts with the add-expert job (Ray Train, {workers} worker(s), "
-            f"DeepSpeed; {see.training.steps} steps each), registering each in the registry")
+            f"DeepSpeed; {see.training.budget()} each), registering each in the registry")
         work = Path(tempfile.mkdtemp(prefix="see-demo-tasks-"))
         try:
             for i, task in enumerate(tasks, 1):
@@ -187,6 +189,7 @@ def run_serve_demo(
                         "--storage", root.uri, "--workers", str(workers), "--threads", str(threads),
                         *(["--min-accept", str(min_accept)] if min_accept is not None else []),
                         *(["--min-reject", str(min_reject)] if min_reject is not None else []),
+                        *(["--general-pool", general_pool] if general_pool else []),
                         *(["--config", config] if config else [])]
                 for o in overrides:
                     argv += ["--set", o]

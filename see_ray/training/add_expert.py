@@ -18,9 +18,12 @@ Steps (each timed and printed in the summary):
 2. build SEE's reconstructed training set from the registry's rehearsal buffer (positives + rehearsal
    negatives of every task in the sequence + general-pool negatives);
 3. train on Ray Train + DeepSpeed (``see_ray.training.ray_train``);
-4. validate the new expert on held-out data: accept rate on its own dev queries, reject rate on the other
-   tasks' rehearsal queries, in the prompt forms it was trained on (with the task definition and/or input-only,
-   per ``rehearsal.input_only_share``), at the threshold calibrated on its own dev queries; below ``--min-accept`` / ``--min-reject`` nothing is registered and the job exits 1;
+4. validate the new expert on held-out data: calibrate its threshold on its own dev queries and on negatives it
+   never trained on (the held-out share of the other tasks' rehearsal queries and of the general pool,
+   ``rehearsal.calibration_share``), then measure its accept rate on its own dev queries and its reject rate on
+   the other tasks' held-out queries, in the prompt forms it was trained on (with the task definition and/or
+   input-only, per ``rehearsal.input_only_share``); the operating point and both error rates go into the registry
+   record; below ``--min-accept`` / ``--min-reject`` nothing is registered and the job exits 1;
 5. register it with its rehearsal samples (registry.py: files first, then an atomic swap of the document,
    under the registry lock). If another job registered an expert while this one trained, the new expert was
    not trained to reject that task: it is checked against that task's rehearsal queries under the lock and
@@ -64,7 +67,7 @@ from see_ray.registry import (
     format_sequence,
 )
 from see_ray.core.rehearsal import RehearsalBuffer, reconstruct
-from see_ray.core.routing import accepts, calibrate_threshold, calibration_queries, prompt_forms, threshold_of
+from see_ray.core.routing import accepts, calibrate_on_held_out, prompt_forms, threshold_of
 from see_ray.registry.storage import Storage, StorageError, default_storage_uri, is_uri
 from see_ray.config.train import JobConfig, RayTrainConfig, ValidationBars
 from see_ray.training.ray_train import TrainOutcome, ensure_ray, train_on_ray
@@ -103,7 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="Ray Train workers (ray_train.num_workers).")
     p.add_argument("--gpu", action="store_true", help="Train on GPUs (ray_train.use_gpu).")
     p.add_argument("--replace", action="store_true", help="Train a new version of an existing expert.")
-    p.add_argument("--general-pool", help="JSONL of general queries ({'input', 'definition'?}); default: built-in.")
+    p.add_argument("--general-pool", help="JSONL of general queries ({'input', 'definition'?}); default: the built-in pool "
+                   "(chat and instruction-style requests of many task types, see_ray.tools.builtin.default_pool).")
     p.add_argument("--min-accept", type=float, default=ValidationBars().min_accept, help="Validation bar (0-1).")
     p.add_argument("--min-reject", type=float, default=ValidationBars().min_reject, help="Validation bar (0-1).")
     p.add_argument("--max-retrain", type=int, default=1, help="Retrains when a concurrent job changed the buffer.")
@@ -128,11 +132,12 @@ def job_identity() -> dict:
 
 
 def load_general_pool(path: str | None) -> list[Query]:
-    """``--general-pool``: the built-in pool when not given, else the JSONL file (core.data.load_query_pool)."""
+    """``--general-pool``: the built-in pool when not given (``tools.builtin.default_pool``: chat requests and a few
+    hundred instruction-style queries of many task types), else the JSONL file (core.data.load_query_pool)."""
     if path is None:
-        from see_ray.tools.builtin import general_pool
+        from see_ray.tools.builtin import default_pool
 
-        return general_pool()
+        return default_pool()
     try:
         return load_query_pool(path)
     except TaskDataError as e:
@@ -245,31 +250,32 @@ def reject_rates(model, name: str, per_task: dict[str, list[Query]], thr: float)
 
 
 def validate_expert(model, inp: Inputs, buffer: RehearsalBuffer) -> dict:
-    """Accept rate on own dev queries, reject rate on other tasks' rehearsal queries, calibrated threshold."""
+    """Step 4, on held-out data only, in the prompt forms the expert was trained on: the threshold from its own dev
+    queries and the negatives it never trained on (``core.routing.calibrate_on_held_out``: each earlier task's
+    held-out rehearsal queries and the general pool's held-out queries), then the accept rate on its own dev
+    queries and the reject rate on each negative source at the threshold routing will use."""
     name = inp.task.name
-    share = inp.see.rehearsal.input_only_share
-    own = calibration_queries(inp.task, share)
-    p_own = model.decide(own, name)
-    calibrated = calibrate_threshold(p_own, inp.see.routing)
-    thr = threshold_of(calibrated, inp.see.routing)  # the routing rule, with the calibrated value as this expert's
-    others = other_task_queries(buffer, share)
-    per_task = reject_rates(model, name, others, thr)
-    n_other = sum(len(q) for q in others.values())
-    reject = sum(r * len(others[t]) for t, r in per_task.items()) / n_other if n_other else None
-    general = reject_rates(model, name, {"general": prompt_forms(inp.pool, share)}, thr).get("general")
-    accept = sum(accepts(p, thr) for p in p_own) / len(p_own)
+    held = calibrate_on_held_out(lambda qs: model.decide(qs, name), inp.task, buffer, inp.pool, inp.see)
+    cal = held.calibration
+    thr = threshold_of(cal.threshold, inp.see.routing)  # the routing rule, with the calibrated value as this expert's
+    rejected = {src: sum(not accepts(p, thr) for p in ps) / len(ps) for src, ps in held.p_negatives.items()}
+    per_task = {src: r for src, r in rejected.items() if src != "general"}
+    n_other = sum(len(held.p_negatives[t]) for t in per_task)
+    reject = sum(r * len(held.p_negatives[t]) for t, r in per_task.items()) / n_other if n_other else None
     return {
         "threshold": thr,
-        "calibrated_threshold": calibrated,
-        "accept_rate": accept,
-        "n_own": len(own),
-        "reject_rate": reject,  # None for the first expert: there is no other task yet
+        "calibrated_threshold": cal.threshold,
+        "calibration": cal.to_dict(),
+        "accept_rate": sum(accepts(p, thr) for p in held.p_own) / len(held.p_own),
+        "n_own": len(held.p_own),
+        "reject_rate": reject,  # None for the first expert (no other task yet) or when no sample is held out
         "n_other": n_other,
         "reject_rate_per_task": per_task,
-        "reject_rate_general_pool": general,  # informative: the pool was in the training set
+        "reject_rate_general_pool": rejected.get("general"),
+        "n_general": len(held.p_negatives.get("general", [])),
         "min_accept": inp.bars.min_accept,
         "min_reject": inp.bars.min_reject,
-        "p_own_mean": sum(p_own) / len(p_own),
+        "p_own_mean": sum(held.p_own) / len(held.p_own),
     }
 
 
@@ -423,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
                 base_model=base,
                 indicators=inp.indicators,
                 threshold=v["threshold"],
+                calibration=v["calibration"],
                 definition=task.definition,
                 trained_against=trained_against,
                 training={
@@ -469,7 +476,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"training    {outcome.metrics.get('steps')} steps, {outcome.metrics.get('train_s', 0):.1f} s loop, "
           f"{outcome.metrics.get('tokens_per_s', 0):.0f} tokens/s, final loss {outcome.metrics.get('final_loss', 0):.4f}, "
           f"{rt.num_workers} worker(s)")
-    print(f"validation  accept {_fmt(v['accept_rate'])}, reject {_fmt(v['reject_rate'])}, threshold {v['threshold']:.3f}")
+    cal = v["calibration"]
+    print(f"validation  on held-out data: accept {_fmt(v['accept_rate'])} of {v['n_own']} own dev queries, reject "
+          f"{_fmt(v['reject_rate'])} of {v['n_other']} other-task and {_fmt(v['reject_rate_general_pool'])} of "
+          f"{v['n_general']} general-pool queries; threshold {v['threshold']:.3f} (calibrated: false rejection "
+          f"{_fmt(cal['false_rejection'])}, false acceptance {_fmt(cal['false_acceptance'])})")
     print("timings     " + ", ".join(f"{k} {s:.1f} s" for k, s in timer.steps.items()) + f", total {total:.1f} s")
     print(f"sequence    ({see.routing.order}, as routing asks them):")
     print(format_sequence(doc.experts, see.routing.order))

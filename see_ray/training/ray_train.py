@@ -71,10 +71,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, include_
 METRICS_FILE = "see_metrics.json"
 
 
-def progress_line(label: str, steps: int, m: dict) -> str | None:
-    """One line for a report of rank 0 (a step's loss, or the final figures); None for other reports."""
+def progress_line(label: str, steps: int | None, m: dict) -> str | None:
+    """One line for a report of rank 0 (a step's loss, or the final figures); None for other reports. The step
+    count is the report's own (the loop's resolved budget), else ``steps``."""
     if "loss" in m:
-        return f"[train {label}] step {m.get('step')}/{steps} loss {m['loss']:.4f} tokens/s {m.get('tokens_per_s', 0):.0f}"
+        return f"[train {label}] step {m.get('step')}/{m.get('steps', steps)} loss {m['loss']:.4f} tokens/s {m.get('tokens_per_s', 0):.0f}"
     if "final_loss" in m:
         return (f"[train {label}] done: {m.get('steps')} steps in {m.get('train_s', 0):.1f} s, "
                 f"final loss {m['final_loss']:.4f}, tokens/s {m.get('tokens_per_s', 0):.0f}")
@@ -158,6 +159,7 @@ def train_on_ray(
     threads = rt.threads(see)
     see = see.model_copy(deep=True)
     see.model.num_threads = threads
+    see.training = see.training.resolved(len(examples))  # the epoch budget counts the whole set, not a shard
     see.training.deepspeed = ds_config
     see.training.progress = False
 

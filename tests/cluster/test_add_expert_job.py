@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from see_ray.core.prompts import Query
+from see_ray.core.rehearsal import held_out
 from see_ray.registry import REGISTRY_FILE, Registry
 from see_ray.tools.builtin import arithmetic_task, shout_task
 from see_ray.tools.demo import write_task_folder
@@ -298,7 +300,13 @@ def test_two_submissions_build_the_sequence(jobs, background_jobs, tiny_model_pa
     a, s = recs
     assert a.trained_against == [] and s.trained_against == ["arithmetic"]
     assert reg.rehearsal_buffer().tasks() == ["arithmetic", "shout"]
-    assert s.training["examples"]["rehearsal_negatives"] == a.rehearsal_count > 0
+    # the first task's rehearsal samples, but the share held out for calibration (rehearsal.calibration_share)
+    share = s.training["config"]["rehearsal"]["calibration_share"]
+    kept = [q for q in reg.rehearsal_buffer().samples["arithmetic"]
+            if not held_out(Query(q["input"], q["definition"]), share)]
+    assert s.training["examples"]["rehearsal_negatives"] == len(kept) and 0 < len(kept) < a.rehearsal_count
+    assert s.validation["calibration"]["negatives_by_source"]["arithmetic"] > 0
+    assert [h.reason for h in s.threshold_history] == ["registered"] and s.calibration["threshold"] == s.threshold
     assert s.base_model.fingerprint == a.base_model.fingerprint and len(a.base_model.fingerprint) == 64
     assert s.job["submission_id"] == two_experts["sids"][1]
     for r in recs:  # adapters load with plain peft, from where the registry says they are

@@ -18,7 +18,7 @@ DEMO_SERVE = ["app_name=demo", "route_prefix=/demo", "base_app=demo-base", "expe
               "dispatch.registry_poll_s=1", "base.autoscaling.max_replicas=1", "expert.autoscaling.max_replicas=1"]
 
 
-def test_demo_flow_through_serve(ray_head, tiny_model_path, tmp_path):
+def test_demo_flow_through_serve(ray_head, tiny_model_path, tmp_path, pool_file):
     from ray import serve
 
     from see_ray.config import SEEConfig
@@ -34,7 +34,7 @@ def test_demo_flow_through_serve(ray_head, tiny_model_path, tmp_path):
     overrides = tiny_overrides(tiny_model_path, **{"training.steps": 40})
     res = run_serve_demo(
         overrides=overrides, storage=storage, train_per_task=48, queries_per_task=2, workers=1, threads=1,
-        min_accept=0.5, min_reject=0.5, address=ray_head["address"],
+        min_accept=0.5, min_reject=0.5, address=ray_head["address"], general_pool=str(pool_file),
         serve_overrides=[f"port={ray_head['http_port']}", *DEMO_SERVE], log=lines.append,
     )
     out = "\n".join(lines)

@@ -50,7 +50,7 @@ def test_reuse_adapters_reevaluates_the_same_experts(bench_dir, tmp_path, tiny_m
     sets = set_args(tiny_overrides(tiny_model_path, **{"training.steps": 2}))
     common = ["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
               "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",
-              "--methods", "SEE,Oracle", *sets]
+              "--methods", "SEE,Oracle", "--no-cache", *sets]
     assert main([*common, "--out", str(tmp_path / "first")]) == 0
     first = json.loads((tmp_path / "first" / "quality.json").read_text())
     assert "reused_adapters" not in first
@@ -58,8 +58,43 @@ def test_reuse_adapters_reevaluates_the_same_experts(bench_dir, tmp_path, tiny_m
     assert main([*common, "--out", str(tmp_path / "again"), "--reuse-adapters", str(adapters)]) == 0
     again = json.loads((tmp_path / "again" / "quality.json").read_text())
     assert sorted(again["reused_adapters"]) == sorted(p.name for p in adapters.iterdir())
+    for r in (first, again):
+        r["methods"]["SEE"].pop("eval_wall_s")  # a timing, the one figure that differs
     assert again["methods"] == first["methods"]
     assert not (tmp_path / "again" / "adapters" / "see-task001_a").exists()  # nothing was trained
+
+
+def test_cached_evaluation_equals_recomputation(bench_dir, tmp_path, tiny_model_path):
+    """--cache keeps every (expert, query) decision and answer and every trained adapter: a second run over the same
+    cache trains nothing and computes nothing, and both give the matrices and routing figures of a run that
+    recomputes every decision and answer (--no-cache) with the same adapters."""
+    import json
+
+    sets = set_args(tiny_overrides(tiny_model_path, **{"training.steps": 3, "rehearsal.input_only_share": 0.5}))
+    common = ["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
+              "--pool-per-task", "4", "--train-per-task", "4", "--dev-per-task", "2", "--test-per-task", "3",
+              "--methods", "SEE,Oracle", *sets]
+    cache = str(tmp_path / "cache")
+    assert main([*common, "--cache", cache, "--out", str(tmp_path / "first")]) == 0
+    assert main([*common, "--cache", cache, "--out", str(tmp_path / "second")]) == 0
+    assert main([*common, "--no-cache", "--reuse-adapters", str(tmp_path / "first" / "adapters"),
+                 "--out", str(tmp_path / "recomputed")]) == 0
+    first, second, recomputed = (json.loads((tmp_path / r / "quality.json").read_text())
+                                 for r in ("first", "second", "recomputed"))
+    assert first["adapters_from_cache"] == [] and sorted(second["adapters_from_cache"]) == ["see-task001_a", "see-task002_b"]
+    counts = second["methods"]["SEE"]["eval_cache"]
+    assert counts["decide"]["misses"] == 0 and counts["generate"]["misses"] == 0 and counts["decide"]["disk_hits"] > 0
+    assert recomputed["methods"]["SEE"]["eval_cache"]["decide"]["disk_hits"] == 0
+
+    def figures(r: dict) -> dict:
+        see = r["methods"]["SEE"]
+        return {"SEE": see["matrix"], "Oracle": r["methods"]["Oracle"]["matrix"], "routing": see["routing"],
+                "thresholds": see["thresholds"]}
+
+    assert figures(first) == figures(second)
+    got, want = figures(first), figures(recomputed)
+    assert got["SEE"] == want["SEE"] and got["Oracle"] == want["Oracle"] and got["routing"] == want["routing"]
+    assert got["thresholds"] == pytest.approx(want["thresholds"], abs=1e-5)
 
 
 def test_reuse_adapters_must_be_a_folder(bench_dir, tmp_path):
@@ -143,7 +178,7 @@ def test_warm_start_starts_each_expert_from_the_previous_one(bench_dir, tmp_path
     out = tmp_path / "warm"
     assert main(["bench", "quality", "--data", str(bench_dir), "--tasks", "2", "--general-pool-tasks", "builtin",
                  "--pool-per-task", "2", "--train-per-task", "4", "--dev-per-task", "1", "--test-per-task", "2",
-                 "--methods", "SEE", *sets, "--out", str(out)]) == 0
+                 "--methods", "SEE", "--no-cache", *sets, "--out", str(out)]) == 0
     first, second = out / "adapters" / "see-task001_a", out / "adapters" / "see-task002_b"
     assert "init_from" not in json.loads((first / "see_meta.json").read_text())
     assert json.loads((second / "see_meta.json").read_text())["init_from"] == str(first)
@@ -161,7 +196,7 @@ def test_builtin_instructions_pool_mixes_requests_and_instruction_tasks(bench_di
     class Stop(Exception):
         pass
 
-    def capture(self, tasks, pool, ood, cfg, out, reuse_adapters=None):
+    def capture(self, tasks, pool, ood, cfg, out, **kw):
         seen["pool"] = pool
         raise Stop
 

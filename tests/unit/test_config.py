@@ -12,6 +12,7 @@ from see_ray.config import (
     RehearsalConfig,
     RoutingConfig,
     SEEConfig,
+    TrainConfig,
 )
 from see_ray.config.train import SHIPPED_DEEPSPEED, JobConfig, RayTrainConfig
 
@@ -216,3 +217,26 @@ def test_shipped_deepspeed_configs_parse(name):
     ds = RayTrainConfig(deepspeed=name).deepspeed_dict(SEEConfig())
     assert ds["zero_optimization"]["stage"] in (2, 3)
     assert isinstance(ds["optimizer"]["params"]["eps"], float)  # JSON read as JSON (YAML 1.1 says str)
+
+
+@pytest.mark.parametrize(
+    "kw, n, steps",
+    [
+        ({}, 100, 38),  # ceil(3 epochs x 100 / 8)
+        ({"epochs": 2.0}, 100, 25),
+        ({"epochs": 2.0, "max_steps": 20}, 100, 20),  # the cap
+        ({"epochs": 1.0, "min_steps": 8}, 10, 8),  # the floor
+        ({"steps": 7}, 100, 7),  # a fixed count replaces the budget
+    ],
+)
+def test_epoch_budget(kw, n, steps):
+    """The budget counts passes over the whole training set (every own example once, every negative once), within
+    [min_steps, max_steps]; ``resolved`` fixes it for the loop."""
+    t = TrainConfig(**kw)
+    assert t.steps_for(n) == steps and t.resolved(n).steps == steps
+    assert t.steps == kw.get("steps")  # the config itself is unchanged
+
+
+def test_min_steps_above_max_steps_is_refused():
+    with pytest.raises(ValueError, match="min_steps"):
+        TrainConfig(min_steps=10, max_steps=5)

@@ -381,3 +381,25 @@ def test_registry_subcommands_in_main_cli(reg, tmp_path, capsys):
     reg.add(new_expert(tmp_path, "alpha"))
     assert main(["registry", "--storage", reg.storage.uri, "list"]) == 0
     assert "alpha" in capsys.readouterr().out
+
+
+def test_threshold_history_starts_at_registration_and_grows_with_recalibration(reg, tmp_path):
+    """The record keeps the operating point its threshold was chosen at, and every threshold it has had: a
+    re-calibration changes the scalar only (the adapter is untouched)."""
+    cal = {"threshold": 0.6, "false_rejection": 0.0, "false_acceptance": 0.05, "n_positives": 20, "n_negatives": 40,
+           "negatives_by_source": {"general": 40}}
+    reg.add(new_expert(tmp_path, "alpha", calibration=cal))
+    rec = reg.get("alpha")
+    assert rec.calibration == cal
+    assert [(h.threshold, h.reason, h.calibration) for h in rec.threshold_history] == [(0.6, "registered", cal)]
+    sha = rec.adapter_sha256
+    new_cal = {**cal, "threshold": 0.8, "false_acceptance": 0.01}
+    reg.set_threshold("alpha", 0.8, "re-calibrated with task beta's held-out queries", new_cal)
+    rec = reg.get("alpha")
+    assert rec.threshold == 0.8 and rec.calibration == new_cal and rec.adapter_sha256 == sha and rec.version == 1
+    assert [h.threshold for h in rec.threshold_history] == [0.6, 0.8]
+    assert rec.threshold_history[1].reason.startswith("re-calibrated") and rec.threshold_history[1].at
+    with pytest.raises(ValueError, match="must lie in"):
+        reg.set_threshold("alpha", 1.0, "bad")
+    with pytest.raises(RegistryError, match="no expert named"):
+        reg.set_threshold("nobody", 0.7, "bad")

@@ -13,14 +13,17 @@ from see_ray.core.prompts import Query
 from see_ray.core.rehearsal import (
     Example,
     RehearsalBuffer,
+    calibration_negatives,
     general_pool_from_tasks,
+    held_out,
     plain_sft,
     reconstruct,
 )
 
 
 def cfg(**kw) -> RehearsalConfig:
-    base = {"per_task_min": 10, "input_only_share": 0.0}
+    """Reconstruction without held-out negatives or pool sampling unless a test asks for them."""
+    base = {"per_task_min": 10, "input_only_share": 0.0, "calibration_share": 0.0, "general_pool_size": None}
     base.update(kw)
     return RehearsalConfig(**base)
 
@@ -97,6 +100,25 @@ def test_negatives_per_task_and_general_pool_caps(antonyms, buffer, pool):
     assert Counter(e.source for e in big if e.indicator == "reject") == {"arithmetic": 10, "shout": 10, "general": len(pool)}
     none = reconstruct(antonyms, buffer, pool, cfg(negatives_per_task=0, general_pool_size=0))
     assert all(e.indicator == "accept" for e in none)
+
+
+def test_held_out_negatives_are_never_trained_on_and_feed_calibration(antonyms, buffer, pool):
+    c = cfg(calibration_share=0.3)
+    ex = reconstruct(antonyms, buffer, pool, c)
+    held = calibration_negatives(buffer, pool, c, exclude={antonyms.name})
+    trained = {e.query for e in ex if e.indicator == "reject"}
+    all_negatives = [Query(s["input"], s["definition"]) for t in ("arithmetic", "shout") for s in buffer.samples[t]]
+    all_negatives += pool
+    held_set = {q for qs in held.values() for q in qs}
+    # every negative is either trained on or held out, never both
+    assert trained.isdisjoint(held_set) and trained | held_set == set(all_negatives)
+    assert 0 < len(held_set) < len(all_negatives)
+    assert set(held) <= {"arithmetic", "shout", "general"} and "general" in held
+    # the choice depends on the text only: the same for every expert and every seed
+    assert held == calibration_negatives(buffer, pool, c.model_copy(update={"seed": 5}), exclude={antonyms.name})
+    assert all(held_out(q, 0.3) for q in held_set) and not any(held_out(q, 0.0) for q in all_negatives)
+    # tasks named in exclude give no calibration negatives
+    assert "shout" not in calibration_negatives(buffer, pool, c, exclude={"shout"})
 
 
 def test_input_only_share(antonyms, buffer, pool):

@@ -196,7 +196,7 @@ def test_train_adapter_writes_a_loadable_adapter_and_learns(tmp_path, tiny_model
     assert res["steps"] == 12 and res["workers"] == 1 and res["deepspeed"] is False
     # what it actually trained with, read back from the run (docs/results.md's GPU run reads the same fields)
     assert res["device"] == "cpu" and res["backend"] is None and res["optimizer"] == "AdamW" and res["bf16"] is False
-    assert res["examples"] == len(two_tasks[0].train) + len(pool)
+    assert res["examples"] == len(_examples(two_tasks, pool, cfg))
     assert res["tokens"] > 0 and res["tokens_per_s"] > 0
     assert res["final_loss"] < res["first_loss"], res  # it learns
     meta = _check_adapter(out, tiny_model_path, encoder, "expert-1")
