@@ -2,7 +2,7 @@
 """Ray job entry point: add one expert to the SEE sequence.
 
     ray job submit --working-dir . -- python jobs/add_expert.py --task data/shout --name shout \\
-        --storage /shared/see-ray-storage [--workers 2] [--replace] [--set training.steps=60]
+        --storage /shared/see-ray-storage [--workers 2] [--replace] [--set training.epochs=2]
 
 The pipeline (validate, reconstruct, train on Ray Train + DeepSpeed, validate, register, deploy) is
 ``see_ray.training.add_expert``; an installed package runs the same with ``see-ray add-expert ...`` or

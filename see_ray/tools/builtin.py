@@ -98,8 +98,9 @@ def general_pool(n: int = 48, seed: int = 0) -> list[Query]:
 
 
 # -- the 16-family pool of --general-pool-tasks builtin-instructions -------------------------------------------
-# Kept as it was when the published runs used it (docs/results.md, "A pool of instruction tasks does not change
-# that"), so that those runs can be rebuilt (benchmarks/expert_budget.py). Each entry: (definition, input template);
+# The first instruction-style pool (12 instruction queries beside 12 chat requests measured no better than chat
+# alone, which led to the default pool below); kept for `--general-pool-tasks builtin-instructions`, so that runs
+# with it can be repeated. Each entry: (definition, input template);
 # the template's fields: {w} {w2} {w3} words, {c} a country, {a} {b} {d} {e} numbers, {day} a day of the month.
 _INSTRUCTION_TASKS = [
     ("In this task, you are given an English word. Translate it into French.", "{w}"),

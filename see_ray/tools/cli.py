@@ -37,12 +37,10 @@ def _load_config(args, defaults: list[str] | None = None) -> SEEConfig:
 
 # -- demo -------------------------------------------------------------------------------------------------
 DEMO_DEFAULTS = [
-    # Steps of batch 8 that teach the 135M model the three demo tasks and their routing from raw client
-    # queries (measured on 2 cores: see README); lr and rehearsal sizes as in the quality benchmark's demo runs.
-    # 27, measured with the demo's queries: every one routed with p(ACCEPT) >= 0.99 at its expert and <= 0.03 at
-    # the others; at 24 the shout expert still gave the other tasks' queries 0.3-0.6 (below its threshold, but
-    # with little margin); 30 costs another 25 s.
-    "training.steps=27",
+    # 1.5 passes over each expert's training set (its 96 instances, the earlier tasks' rehearsal negatives and 64
+    # general-pool negatives): 30-37 steps of batch 8 per expert (docs/results.md, the demo); lr and rehearsal sizes
+    # as in the quality benchmark's demo runs.
+    "training.epochs=1.5",
     "training.lr=0.001",
     "rehearsal.per_task_min=24",
     "routing.max_new_tokens=24",

@@ -6,7 +6,7 @@ is ``ray_train.py``, registration ``registry/``.)
 On a running cluster::
 
     ray job submit --working-dir . -- python jobs/add_expert.py --task data/shout --name shout \\
-        --storage /shared/see-ray-storage [--workers 2] [--replace] [--set training.steps=60]
+        --storage /shared/see-ray-storage [--workers 2] [--replace] [--set training.epochs=2]
 
 Locally (a local Ray instance is started)::
 

@@ -112,18 +112,24 @@ def test_merge_quality_runs(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    pub = json.loads((REPO / "docs" / "results" / "quality-full.json").read_text())
-    keep = {k: v for k, v in pub.items() if k not in ("methods", "complete", "reused_adapters")}
-    see_cfg = json.loads(json.dumps(pub["config"]))
+    from see_ray.config import SEEConfig
+
+    def method(ap: float) -> dict:  # a finished method's summary, as a run reports it
+        return {"ap": ap, "bwt": -1.0, "fra": 1.0, "matrix": [[ap, None], [ap - 1, ap + 1]]}
+
+    keep = {"tasks": ["task001_a", "task002_b"], "general_pool_tasks": ["default"], "ood_tasks": ["task003_c"],
+            "subsample": {"train": 4, "dev": 1, "test": 2}, "machine": "test", "timings_s": {"total": 1.0},
+            "command": "see-ray bench quality ..."}
+    see_cfg = SEEConfig().model_dump(mode="json")
     see_cfg["indicators"]["keep_out_of_answers"] = True
-    old_cfg = json.loads(json.dumps(pub["config"]))
-    old_cfg["indicators"].pop("keep_out_of_answers", None)
+    old_cfg = json.loads(json.dumps(see_cfg))
+    old_cfg["indicators"].pop("keep_out_of_answers", None)  # a run that predates the field
     runs = {
         "see": {**keep, "config": see_cfg, "complete": True,
-                "methods": {m: pub["methods"][m] for m in ("SEE", "Oracle")}},
-        "base": {**keep, "config": old_cfg, "complete": False, "methods": {"SeqFT": pub["methods"]["SeqFT"]}},
-        "mtl": {**keep, "config": old_cfg, "complete": True, "methods": {"MTL": pub["methods"]["MTL"]}},
-        "replay": {**keep, "config": old_cfg, "complete": True, "methods": {"Replay": pub["methods"]["SeqFT"]}},
+                "methods": {"SEE": {**method(30.0), "routing": {}}, "Oracle": method(31.0)}},
+        "base": {**keep, "config": old_cfg, "complete": False, "methods": {"SeqFT": method(20.0)}},
+        "mtl": {**keep, "config": old_cfg, "complete": True, "methods": {"MTL": {"ap": 35.0, "bwt": None, "fra": None}}},
+        "replay": {**keep, "config": old_cfg, "complete": True, "methods": {"Replay": method(28.0)}},
     }
     for name, r in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
