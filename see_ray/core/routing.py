@@ -199,11 +199,6 @@ def calibrate_on_held_out(decide: Callable[[list[Query]], list[float]], task: Ta
     return HeldOut(cal, p_own, p_neg)
 
 
-def calibrate_threshold(p_own_dev: list[float], cfg: RoutingConfig) -> float:
-    """The threshold from own dev queries alone (no negatives at hand): ``calibrate(p_own_dev, [], cfg)``."""
-    return calibrate(p_own_dev, [], cfg).threshold
-
-
 # -- the first-accept walk ---------------------------------------------------------------------------------
 @dataclass
 class Decision(Generic[E]):

@@ -74,10 +74,12 @@ def _test_queries(task: Task, with_definition: bool = True) -> list[Query]:
 
 class QualityBench:
     def __init__(self, tasks: list[Task], pool: list[Query], ood: list[Task], cfg: SEEConfig, out_dir: Path,
-                 reuse_adapters: Path | None = None, cache_dir: Path | None = None):
+                 reuse_adapters: Path | None = None, cache_dir: Path | None = None, recompute: bool = False):
         """``reuse_adapters``: a folder of adapters trained by an earlier run (``<out>/adapters``); an adapter
         found there under the name this run would train is used as it is, and listed in ``self.reused``.
-        ``cache_dir``: where decisions, answers and trained adapters are kept across runs (None: this run only)."""
+        ``cache_dir``: where decisions, answers and trained adapters are kept across runs (None: this run only).
+        ``recompute``: take trained adapters from ``cache_dir`` but compute every decision and answer again, keeping
+        them in memory only (what the evaluation itself costs, ``eval_wall_s``)."""
         from see_ray.core.model import fingerprint
 
         self.tasks, self.pool, self.ood, self.cfg = tasks, pool, ood, cfg
@@ -88,7 +90,7 @@ class QualityBench:
         self.model = SEEModel(cfg)
         self.model_key = fingerprint(self.model.model_path)
         context = model_context(self.model)  # everything besides the adapter and the query that changes a result
-        self.store = Store(cache_dir / "decisions.sqlite") if cache_dir is not None else None
+        self.store = Store(cache_dir / "decisions.sqlite") if cache_dir is not None and not recompute else None
         self.adapter_cache = AdapterCache(cache_dir / "adapters") if cache_dir is not None else None
         self.backend = CachedBackend(self.model, self.store, context)
         self.max_new = cfg.routing.max_new_tokens

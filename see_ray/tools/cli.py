@@ -205,7 +205,7 @@ def prepare_quality_bench(args):
     from see_ray.core.model import cache_root
 
     cache = None if args.no_cache else Path(args.cache) if args.cache else cache_root() / "bench"
-    bench = QualityBench(seq, pool, ood, cfg, out, reuse_adapters=reuse, cache_dir=cache)
+    bench = QualityBench(seq, pool, ood, cfg, out, reuse_adapters=reuse, cache_dir=cache, recompute=args.recompute)
     facts = {
         "tasks": [t.name for t in seq],
         "general_pool_tasks": ([BUILTIN_POOLS[args.general_pool_tasks]] if builtin_pool else pool_names) + pool_dir_tasks,
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache", help="where decisions, answers and trained adapters are kept across runs "
                    "(see_ray/tools/eval_cache.py; default: bench/ under the see-ray cache folder)")
     q.add_argument("--no-cache", action="store_true", help="compute everything in this run, keep nothing")
+    q.add_argument("--recompute", action="store_true", help="take trained adapters from the cache, but compute every "
+                   "decision and answer again (measures SEE's evaluation time, eval_wall_s)")
     q.add_argument("--methods", help=f"comma-separated subset of {','.join(('SEE', 'SeqFT', 'Replay', 'MTL', 'Oracle'))}")
     q.add_argument("--out", default="see-ray-output/quality", help="output folder")
     q.add_argument("--reuse-adapters", metavar="DIR",

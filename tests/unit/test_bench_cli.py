@@ -85,13 +85,19 @@ def test_cached_evaluation_equals_recomputation(bench_dir, tmp_path, tiny_model_
     counts = second["methods"]["SEE"]["eval_cache"]
     assert counts["decide"]["misses"] == 0 and counts["generate"]["misses"] == 0 and counts["decide"]["disk_hits"] > 0
     assert recomputed["methods"]["SEE"]["eval_cache"]["decide"]["disk_hits"] == 0
+    # --recompute: the adapters from the cache, every decision and answer computed again
+    assert main([*common, "--cache", cache, "--recompute", "--out", str(tmp_path / "fresh")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "quality.json").read_text())
+    assert sorted(fresh["adapters_from_cache"]) == ["see-task001_a", "see-task002_b"]
+    counts = fresh["methods"]["SEE"]["eval_cache"]
+    assert counts["decide"]["disk_hits"] == 0 and counts["decide"]["misses"] > 0
 
     def figures(r: dict) -> dict:
         see = r["methods"]["SEE"]
         return {"SEE": see["matrix"], "Oracle": r["methods"]["Oracle"]["matrix"], "routing": see["routing"],
                 "thresholds": see["thresholds"]}
 
-    assert figures(first) == figures(second)
+    assert figures(first) == figures(second) == figures(fresh)
     got, want = figures(first), figures(recomputed)
     assert got["SEE"] == want["SEE"] and got["Oracle"] == want["Oracle"] and got["routing"] == want["routing"]
     assert got["thresholds"] == pytest.approx(want["thresholds"], abs=1e-5)

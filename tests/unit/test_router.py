@@ -19,7 +19,6 @@ from see_ray.core.routing import (
     ExpertSpec,
     RouteResult,
     calibrate,
-    calibrate_threshold,
     calibration_queries,
     ordered,
 )
@@ -119,25 +118,25 @@ def test_calibrate_takes_the_kth_smallest():
     values = [0.6 + 0.006 * i for i in range(50)]
     random.Random(0).shuffle(values)
     c = RoutingConfig(calibration_max_false_rejection=0.02)
-    assert calibrate_threshold(values, c) == pytest.approx(0.606)  # k = floor(0.02 * 50) = 1: 2nd smallest
+    assert calibrate(values, [], c).threshold == pytest.approx(0.606)  # k = floor(0.02 * 50) = 1: 2nd smallest
     # at that threshold exactly one of the 50 own dev queries is falsely rejected (1/50 = 0.02)
-    thr = calibrate_threshold(values, c)
+    thr = calibrate(values, [], c).threshold
     assert sum(v < thr for v in values) == 1
-    assert calibrate_threshold(values, RoutingConfig(calibration_max_false_rejection=0.0)) == pytest.approx(0.6)
-    assert calibrate_threshold(values, RoutingConfig(calibration_max_false_rejection=0.1)) == pytest.approx(0.63)
-    assert calibrate_threshold(values[:10], c) == min(values[:10])  # floor(0.2) = 0: the smallest
+    assert calibrate(values, [], RoutingConfig(calibration_max_false_rejection=0.0)).threshold == pytest.approx(0.6)
+    assert calibrate(values, [], RoutingConfig(calibration_max_false_rejection=0.1)).threshold == pytest.approx(0.63)
+    assert calibrate(values[:10], [], c).threshold == min(values[:10])  # floor(0.2) = 0: the smallest
 
 
 def test_calibrate_clips_into_bounds():
     c = RoutingConfig(calibration_bounds=(0.5, 0.95))
-    assert calibrate_threshold([0.999] * 20, c) == 0.95
-    assert calibrate_threshold([0.1, 0.2, 0.3], c) == 0.5
+    assert calibrate([0.999] * 20, [], c).threshold == 0.95
+    assert calibrate([0.1, 0.2, 0.3], [], c).threshold == 0.5
     c2 = RoutingConfig(calibration_bounds=(0.7, 0.7))
-    assert calibrate_threshold([0.2, 0.99], c2) == 0.7
+    assert calibrate([0.2, 0.99], [], c2).threshold == 0.7
 
 
 def test_calibrate_empty_gives_default():
-    assert calibrate_threshold([], RoutingConfig(default_threshold=0.65)) == 0.65
+    assert calibrate([], [], RoutingConfig(default_threshold=0.65)).threshold == 0.65
 
 
 def test_calibrate_separates_held_out_positives_from_negatives():
@@ -359,7 +358,7 @@ def test_calibrated_thresholds_keep_routing(see_model, specs, tiny_cfg, two_task
     calibrated = []
     for spec, task in zip(specs, two_tasks):
         p_dev = see_model.decide(calibration_queries(task, tiny_cfg.rehearsal.input_only_share), spec.name)
-        thr = calibrate_threshold(p_dev, tiny_cfg.routing)
+        thr = calibrate(p_dev, [], tiny_cfg.routing).threshold
         lo, hi = tiny_cfg.routing.calibration_bounds
         assert lo <= thr <= hi
         calibrated.append(ExpertSpec(spec.name, spec.task, spec.adapter_path, threshold=thr))
